@@ -1,0 +1,3 @@
+"""SDSeg bundle code: configs import this package (``$import scripts``) and reach every module through it."""
+
+from scripts import data, engine, io_utils, metrics, networks, sampler  # noqa: F401

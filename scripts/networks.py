@@ -1,0 +1,161 @@
+"""The SDSeg module: frozen mask autoencoder, trainable vision encoder, concat-conditioned U-Net.
+
+Shapes follow the paper: an image ``C`` (B, 3, H, W) in [-1, 1] and a binary mask (B, 1, H, W)
+in {0, 1}, shown to the autoencoder as 3 channels in [-1, 1]; latents are (B, 4, H/8, W/8) for the
+f = 8 presets. All networks are MONAI core parts (``AutoencoderKL``, ``DiffusionModelUNet``); this
+module only wires them together and holds the diffusion algebra (Eq. 1 and Eq. 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+
+__all__ = ["SDSeg", "VisionEncoder", "load_autoencoder", "mask_to_ae_input", "ae_output_to_score"]
+
+
+def mask_to_ae_input(mask: torch.Tensor) -> torch.Tensor:
+    """A binary mask (B, 1, H, W) in {0, 1} -> the 3-channel [-1, 1] image the autoencoder sees."""
+    return (mask.float() * 2 - 1).expand(-1, 3, -1, -1)
+
+
+def ae_output_to_score(x: torch.Tensor) -> torch.Tensor:
+    """Decoded mask (B, 3, H, W) -> probability ("score") map (B, 1, H, W): clamp((x+1)/2), channel mean."""
+    return ((x + 1) / 2).clamp(0, 1).mean(dim=1, keepdim=True)
+
+
+def load_autoencoder(autoencoder: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
+    """Load mask-autoencoder weights saved by the autoencoder stage (a state dict) into ``autoencoder``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"mask autoencoder weights not found: {path}. Train them first "
+            "(python -m monai.bundle run training --config_file configs/train_autoencoder.yaml ...) "
+            "or point autoencoder_path at a converted kl-f8 checkpoint."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("autoencoder", state)
+    try:
+        autoencoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: weights do not fit the configured autoencoder (check the preset): {e}") from e
+    return autoencoder
+
+
+class VisionEncoder(nn.Module):
+    """tau_theta: a copy of the mask autoencoder's encoder followed by a new 1x1 conv (paper, Appendix C)."""
+
+    def __init__(self, encoder: nn.Module, latent_channels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.out = nn.Conv2d(latent_channels, latent_channels, kernel_size=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.out(self.encoder(image))
+
+
+class SDSeg(nn.Module):
+    """Stable Diffusion Segmentation with a single-step reverse process.
+
+    Args:
+        autoencoder: MONAI ``AutoencoderKL`` for masks; frozen here (no gradients, always eval mode).
+        unet: MONAI ``DiffusionModelUNet`` with ``2 * latent_channels`` inputs and ``latent_channels`` outputs.
+        scheduler: the training noise schedule (T steps, epsilon prediction).
+        autoencoder_path: optional weights for ``autoencoder``, loaded before the vision encoder is copied
+            from its encoder (so tau_theta starts from E's weights, as in the paper).
+        trainable_encoder: ``False`` freezes the vision encoder (ablation, paper Table 6).
+        scale_factor: latent scale; ``0`` means "not set yet": the trainer sets ``1 / std(z)`` from the
+            first training batch of mask latents. Saved with the weights.
+    """
+
+    def __init__(
+        self,
+        autoencoder: AutoencoderKL,
+        unet: DiffusionModelUNet,
+        scheduler: DDPMScheduler,
+        autoencoder_path: str | None = None,
+        trainable_encoder: bool = True,
+        scale_factor: float = 0.0,
+    ):
+        super().__init__()
+        if autoencoder_path:
+            load_autoencoder(autoencoder, autoencoder_path)
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        latent_channels = autoencoder.latent_channels
+        conv_in = unet.conv_in.conv
+        if unet.in_channels != 2 * latent_channels or unet.out_channels != latent_channels:
+            raise ValueError(
+                f"the U-Net must take {2 * latent_channels} input channels (cat of z_t and z_c) and return "
+                f"{latent_channels}; got {unet.in_channels} -> {unet.out_channels}"
+            )
+        with torch.no_grad():  # the z_c half of the first conv starts at zero (paper, Sec. 3.2)
+            conv_in.weight[:, latent_channels:] = 0
+        self.unet = unet
+        self.vision_encoder = VisionEncoder(copy.deepcopy(autoencoder.encoder), latent_channels)
+        self.vision_encoder.requires_grad_(trainable_encoder)
+        self.scheduler = scheduler
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.num_train_timesteps
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: never in training mode
+        return self
+
+    # --- the three networks -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_mask(self, mask: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """z0 = scale_factor * E(X): a posterior sample in training, the mean when ``sample=False``."""
+        z_mu, z_sigma = self.autoencoder.encode(mask_to_ae_input(mask))
+        z = self.autoencoder.sampling(z_mu, z_sigma) if sample else z_mu
+        return z * self.scale_factor
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """z_c = tau_theta(C) (not scaled)."""
+        return self.vision_encoder(image)
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+        """n~ = f(z_t; z_c): the U-Net on the channel concatenation, z_t first."""
+        return self.unet(torch.cat([z_t, z_c], dim=1), timesteps=t)
+
+    def decode_score(self, z0: torch.Tensor) -> torch.Tensor:
+        """Probability map (B, 1, H, W) from D(z0 / scale_factor)."""
+        return ae_output_to_score(self.autoencoder.decode(z0 / self.scale_factor))
+
+    # --- diffusion algebra ----------------------------------------------------------------------
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Eq. 1: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n."""
+        a = self._alpha_bar(t, z0)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def estimate_z0(self, z_t: torch.Tensor, t: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
+        """Eq. 2: z~0 = (z_t - sqrt(1 - a_t) n~) / sqrt(a_t)."""
+        a = self._alpha_bar(t, z_t)
+        return (z_t - (1 - a).sqrt() * noise_pred) / a.sqrt()
+
+    def latent_shape(self, image: torch.Tensor) -> tuple[int, ...]:
+        factor = 2 ** (len(self.autoencoder.encoder.channels) - 1)
+        return (self.autoencoder.latent_channels, image.shape[-2] // factor, image.shape[-1] // factor)
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Single-step segmentation: image (B, 3, H, W) in [-1, 1] -> probability map (B, 1, H, W).
+
+        ``noise`` (B or 1, 4, h, w) is z_T; a fresh standard normal draw when omitted.
+        """
+        z_c = self.encode_image(image)
+        if noise is None:
+            noise = torch.randn_like(z_c)
+        z_t = noise.expand_as(z_c).to(z_c.dtype)
+        t = torch.full((image.shape[0],), self.num_train_timesteps - 1, device=image.device, dtype=torch.long)
+        return self.decode_score(self.estimate_z0(z_t, t, self.predict_noise(z_t, t, z_c)))

@@ -1,0 +1,125 @@
+"""Dataset layouts, splits, mask rules and bad input, on generated demo data."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_parser
+from PIL import Image
+
+from scripts.data import DatasetError, make_datalist, mask_to_target, split_names
+
+
+@pytest.mark.parametrize("dataset", ["cvc", "kvasir", "refuge2"])
+def test_loader_reads_demo_layout(demo_root, dataset):
+    parser = tiny_parser(dataset=dataset, dataset_dir=str(demo_root / dataset), num_workers=0)
+    ds = parser.get_parsed_content("validate#dataset")
+    assert len(ds) >= 1
+    for item in (ds[i] for i in range(len(ds))):
+        image, label = item["image"], item["label"]
+        assert image.shape == (3, 64, 64) and label.shape == (1, 64, 64)
+        assert image.dtype == torch.float32 and -1.0 <= float(image.min()) < float(image.max()) <= 1.0
+        assert set(torch.unique(label).tolist()) <= {0.0, 1.0}
+        assert 0 < float(label.mean()) < 0.9  # a target is present, not everything
+
+
+def test_training_transforms_flip_image_and_mask_together(demo_root):
+    parser = tiny_parser(dataset="cvc", dataset_dir=str(demo_root / "cvc"), num_workers=0)
+    ds = parser.get_parsed_content("train#dataset")
+    val = parser.get_parsed_content("validate#preprocessing")
+    item = ds.data[0]
+    plain = val(dict(item))
+    seen = set()
+    for seed in range(12):
+        ds.transform.set_random_state(seed)
+        out = ds.transform(dict(item))
+        flips = []
+        for dims in ((), (1,), (2,), (1, 2)):
+            ref_img = plain["image"].flip(dims) if dims else plain["image"]
+            ref_lab = plain["label"].flip(dims) if dims else plain["label"]
+            if torch.allclose(out["image"], ref_img) and torch.equal(out["label"], ref_lab):
+                flips.append(dims)
+        assert len(flips) >= 1, "image and mask must be flipped together"
+        seen.add(flips[0])
+    assert len(seen) >= 3  # horizontal and vertical flips both happen
+
+
+def test_refuge_mask_rules():
+    disc_map = torch.tensor([[[0, 128, 255]]], dtype=torch.uint8)  # original release: 0 cup
+    assert mask_to_target(disc_map, "refuge_cup").tolist() == [[[1.0, 0.0, 0.0]]]
+    rgb = torch.zeros(3, 1, 3, dtype=torch.uint8)
+    rgb[1, 0, 1] = 255  # processed release: cup where G == 255
+    assert mask_to_target(rgb, "refuge_cup").tolist() == [[[0.0, 1.0, 0.0]]]
+    gray_as_rgb = disc_map.expand(3, -1, -1)
+    assert mask_to_target(gray_as_rgb, "refuge_cup").tolist() == [[[1.0, 0.0, 0.0]]]
+    jpeg_like = torch.tensor([[[120, 135, 250, 3]]], dtype=torch.uint8)
+    assert mask_to_target(jpeg_like, "gray").tolist() == [[[0.0, 1.0, 1.0, 0.0]]]
+
+
+def test_splits_are_deterministic_and_match_the_paper_counts():
+    cvc = [str(i) for i in range(1, 613)]
+    s = split_names("cvc", list(reversed(cvc)))
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (488, 62, 62)
+    assert s["test"][0] == "551" and s["train"][:3] == ["1", "2", "3"]  # numeric order, not "1, 10, 100"
+    assert split_names("cvc", cvc) == s
+    kv = split_names("kvasir", [f"id{i:04d}" for i in range(1000)])
+    assert (len(kv["train"]), len(kv["val"]), len(kv["test"])) == (800, 100, 100)
+    ref = split_names("refuge2", [f"T{i:04d}" for i in range(400)] + [f"g{i:04d}" for i in range(800)])
+    assert len(ref["test"]) == 400 and all(n.startswith("T") for n in ref["test"])
+    assert len(ref["train"]) + len(ref["val"]) == 800 and not set(ref["train"]) & set(ref["val"])
+
+
+def test_split_file_overrides_rule(demo_root, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text('{"train": ["1", "2"], "val": ["3"], "test": ["4"]}')
+    items = make_datalist("cvc", str(demo_root / "cvc"), "train", split_file=str(split))
+    assert [d["name"] for d in items] == ["1", "2"]
+    split.write_text('{"train": ["nope"]}')
+    with pytest.raises(DatasetError, match="nope"):
+        make_datalist("cvc", str(demo_root / "cvc"), "train", split_file=str(split))
+
+
+@pytest.fixture
+def cvc_copy(demo_root, tmp_path):
+    dst = tmp_path / "cvc"
+    shutil.copytree(demo_root / "cvc", dst)
+    return dst
+
+
+def test_missing_and_empty_dataset(tmp_path, cvc_copy):
+    with pytest.raises(DatasetError, match="dataset folder not found"):
+        make_datalist("cvc", str(tmp_path / "nowhere"), "train")
+    for f in (cvc_copy / "Original").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetError, match=r"Original: no images"):
+        make_datalist("cvc", str(cvc_copy), "train")
+
+
+def test_unpaired_files_are_named(cvc_copy):
+    (cvc_copy / "Ground Truth" / "3.png").unlink()
+    with pytest.raises(DatasetError, match=r"Original/3\.png: no matching mask"):
+        make_datalist("cvc", str(cvc_copy), "train")
+
+
+def test_extra_mask_is_named(cvc_copy):
+    shutil.copy(cvc_copy / "Ground Truth" / "3.png", cvc_copy / "Ground Truth" / "999.png")
+    with pytest.raises(DatasetError, match=r"999\.png: no matching image"):
+        make_datalist("cvc", str(cvc_copy), "train")
+
+
+def test_corrupt_image_is_named(cvc_copy):
+    (cvc_copy / "Original" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DatasetError, match=r"Original/2\.png: cannot be read"):
+        make_datalist("cvc", str(cvc_copy), "train")
+
+
+def test_size_mismatch_is_named(cvc_copy):
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(cvc_copy / "Ground Truth" / "4.png")
+    with pytest.raises(DatasetError, match=r"Ground Truth/4\.png: mask size \(12, 10\) differs"):
+        make_datalist("cvc", str(cvc_copy), "train")
+
+
+def test_unknown_dataset_name(demo_root):
+    with pytest.raises(DatasetError, match="unknown 2D dataset 'btcv2'"):
+        make_datalist("btcv2", str(demo_root), "train")

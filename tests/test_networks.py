@@ -1,0 +1,128 @@
+"""The SDSeg module and its loss: the paper's algebra, checked by hand on fixed tensors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny_sdseg
+from monai.engines import SupervisedTrainer
+
+from scripts.engine import SDSegTrainStep, sdseg_loss
+from scripts.networks import mask_to_ae_input
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_tiny_sdseg()
+    m.scale_factor.fill_(0.5)
+    return m
+
+
+def batch(b=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand((b, 3, size, size), generator=g) * 2 - 1
+    mask = (torch.rand((b, 1, size, size), generator=g) > 0.5).float()
+    return image, mask
+
+
+def test_schedule_matches_ldm_linear(model):
+    betas = torch.linspace(0.0015**0.5, 0.0155**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    assert torch.allclose(model.alphas_cumprod.double(), alpha_bar, rtol=1e-5)
+    assert abs(float(model.alphas_cumprod[999]) - 6.69e-4) < 0.01e-4
+
+
+def test_zero_initialised_condition_channels(model):
+    """At init the U-Net output does not depend on z_c (its input-conv weights are zero)."""
+    conv = model.unet.conv_in.conv
+    assert conv.in_channels == 8 and torch.count_nonzero(conv.weight[:, 4:]) == 0
+    assert torch.count_nonzero(conv.weight[:, :4]) > 0
+    z_t = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 999])
+    with torch.no_grad():
+        a = model.predict_noise(z_t, t, torch.randn(2, 4, 8, 8))
+        b = model.predict_noise(z_t, t, torch.randn(2, 4, 8, 8) * 5)
+    assert torch.equal(a, b)
+
+
+def test_vision_encoder_starts_from_autoencoder_encoder(model):
+    ae, ve = model.autoencoder.encoder.state_dict(), model.vision_encoder.encoder.state_dict()
+    assert ae.keys() == ve.keys() and all(torch.equal(ae[k], ve[k]) for k in ae)
+    assert model.vision_encoder.out.kernel_size == (1, 1) and model.vision_encoder.out.in_channels == 4
+    assert model.vision_encoder.encoder is not model.autoencoder.encoder  # a copy: E stays frozen
+
+
+def test_oracle_noise_recovers_z0_exactly(model):
+    z0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    noise = torch.randn_like(z0)
+    t = torch.tensor([0, 500, 999])
+    m = copy.deepcopy(model).double()
+    z_t = m.add_noise(z0, noise, t)
+    assert torch.allclose(m.estimate_z0(z_t, t, noise), z0, atol=1e-10)
+    assert not torch.allclose(m.estimate_z0(z_t, t, noise + 0.01), z0, atol=1e-3)
+
+
+@pytest.mark.parametrize("loss_weight", [0.0, 1.0])
+def test_loss_matches_hand_computation(model, loss_weight):
+    image, mask = batch()
+    t = torch.tensor([3, 999])
+    noise = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(7)  # the posterior sample inside encode_mask
+    out = sdseg_loss(model, image, mask, loss_weight, t=t, noise=noise)
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        mu, sigma = model.autoencoder.encode(mask_to_ae_input(mask))
+        z0 = 0.5 * (mu + sigma * torch.randn_like(sigma))
+        a = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zc = model.vision_encoder.out(model.vision_encoder.encoder(image))
+        n_hat = model.unet(torch.cat([z_t, zc], 1), timesteps=t)
+        z0_hat = (z_t - (1 - a).sqrt() * n_hat) / a.sqrt()
+        noise_term = (n_hat - noise).abs().mean()
+        latent_term = (z0_hat - z0).abs().mean()
+    assert torch.allclose(out["loss_noise"], noise_term, rtol=1e-5)
+    assert torch.allclose(out["loss_latent"], latent_term, rtol=1e-5)
+    assert torch.allclose(out["loss"], noise_term + loss_weight * latent_term, rtol=1e-5)
+    assert float(latent_term) > 0
+
+
+def test_training_steps_freeze_autoencoder_and_train_the_rest(demo_root):
+    model = build_tiny_sdseg(seed=3)
+    before = copy.deepcopy(model.state_dict())
+    images, masks = batch(4, seed=3)
+    loader = [{"image": images, "label": masks}] * 3
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=model,
+        optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+        loss_function=F.l1_loss,
+        iteration_update=SDSegTrainStep(loss_weight=1.0),
+        decollate=False,
+    )
+    trainer.run()
+    after = model.state_dict()
+    ae_keys = [k for k in after if k.startswith("autoencoder.")]
+    assert ae_keys and all(torch.equal(before[k], after[k]) for k in ae_keys)
+    for prefix in ("vision_encoder.", "unet."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    assert float(model.scale_factor) > 0  # set from the first batch of mask latents
+    assert not model.autoencoder.training and all(not p.requires_grad for p in model.autoencoder.parameters())
+
+
+def test_frozen_encoder_switch():
+    model = build_tiny_sdseg(trainable_encoder=False)
+    assert not any(p.requires_grad for p in model.vision_encoder.parameters())
+    assert any(p.requires_grad for p in model.unet.parameters())
+
+
+def test_unet_channel_check():
+    from monai.networks.nets import DiffusionModelUNet
+
+    model = build_tiny_sdseg()
+    bad = DiffusionModelUNet(spatial_dims=2, in_channels=4, out_channels=4, channels=(32, 64), attention_levels=(False, False), num_res_blocks=1, norm_num_groups=16)
+    with pytest.raises(ValueError, match="8 input channels"):
+        type(model)(model.autoencoder, bad, model.scheduler)

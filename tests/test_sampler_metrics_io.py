@@ -1,0 +1,91 @@
+"""Reverse processes, metrics conventions and atomic writing."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_sdseg
+from PIL import Image
+
+from scripts.io_utils import atomic_path, atomic_save_image
+from scripts.metrics import dice_iou, summarise
+from scripts.sampler import SDSegInferer
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_tiny_sdseg(seed=5).eval()
+    m.scale_factor.fill_(0.7)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand((5, 3, 64, 64), generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+
+def test_single_step_is_the_paper_formula(model, images):
+    inferer = SDSegInferer(seed=11)
+    out = inferer(images, model)
+    assert out.shape == (5, 1, 64, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert torch.allclose(model(images, noise=noise), out, atol=1e-5)
+
+
+def test_same_seed_same_masks_any_batching(model, images):
+    a = SDSegInferer(seed=3)(images, model)
+    b = torch.cat([SDSegInferer(seed=3)(images[:2], model), SDSegInferer(seed=3)(images[2:], model)])
+    assert torch.allclose(a, b, atol=1e-6)
+    c = SDSegInferer(seed=4)(images, model)
+    assert not torch.allclose(a, c)
+
+
+def test_k_samples_average_the_single_sample_runs(model, images):
+    k = 3
+    avg = SDSegInferer(num_samples=k, seed=9)(images, model)
+    noise = torch.randn((k, 4, 8, 8), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        singles = torch.stack([model(images, noise=noise[i : i + 1]) for i in range(k)]).mean(0)
+    assert torch.allclose(avg, singles, atol=1e-5)
+
+
+def test_ddim_one_step_equals_single_step_at_last_timestep(model, images):
+    """DDIM's x0 prediction at t = T-1 is Eq. 2; with N steps the loop runs and stays in range."""
+    ddim = SDSegInferer(num_steps=5, seed=1)
+    out = ddim(images, model)
+    assert out.shape == (5, 1, 64, 64) and torch.isfinite(out).all()
+    sched = ddim._ddim(model)
+    assert sched.timesteps.tolist() == [800, 600, 400, 200, 0]
+    assert torch.allclose(sched.alphas_cumprod, model.scheduler.alphas_cumprod)
+
+
+def test_bad_inferer_arguments():
+    with pytest.raises(ValueError, match="num_steps"):
+        SDSegInferer(num_steps=0)
+
+
+def test_dice_iou_hand_values_and_empty_convention():
+    pred = torch.zeros(1, 4, 4)
+    label = torch.zeros(1, 4, 4)
+    pred[0, :2, :2] = 1  # 4 pixels
+    label[0, :2, :] = 1  # 8 pixels, 4 shared
+    dice, iou = dice_iou(pred, label)
+    assert dice == pytest.approx(2 * 4 / 12) and iou == pytest.approx(4 / 8)
+    assert dice_iou(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)) == (1.0, 1.0)  # both empty: perfect
+    assert dice_iou(pred, torch.zeros(1, 4, 4)) == (0.0, 0.0)  # false positives on an empty label
+    assert dice_iou(torch.zeros(1, 4, 4), label) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="differs"):
+        dice_iou(pred, torch.zeros(1, 4, 5))
+    s = summarise([{"dice": 1.0, "iou": 0.5}, {"dice": 0.5, "iou": 0.5}])
+    assert s["dice"] == {"mean": 0.75, "std": 0.25, "n": 2} and s["iou"]["std"] == 0.0
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "mask.png"
+    atomic_save_image(target, np.full((4, 4), 255, np.uint8))
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert np.asarray(Image.open(target)).min() == 255
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]  # no temp file left behind
