@@ -1,7 +1,9 @@
-"""Per-case Dice and IoU, written as a CSV table and a JSON summary (mean, std, n).
+"""Per-case Dice and IoU (optionally HD95), written as a CSV table and a JSON summary (mean, std, n).
 
 Convention for empty masks (MONAI ``ignore_empty=False``): a case whose ground truth is empty scores
-Dice = IoU = 1 when the prediction is empty too and 0 otherwise, so every case counts.
+Dice = IoU = 1 when the prediction is empty too and 0 otherwise, so every case counts. HD95 (in world
+units, from the label's voxel spacing) is 0 when both are empty and NaN (left out of the summary) when
+only one is.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from monai.metrics import compute_dice, compute_iou
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
-__all__ = ["dice_iou", "summarise", "SegmentationReport"]
+__all__ = ["dice_iou", "hd95", "summarise", "SegmentationReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,15 @@ def dice_iou(pred: torch.Tensor, label: torch.Tensor) -> tuple[float, float]:
     dice = compute_dice(p, y, include_background=True, ignore_empty=False)
     iou = compute_iou(p, y, include_background=True, ignore_empty=False)
     return float(dice.mean()), float(iou.mean())
+
+
+def hd95(pred: torch.Tensor, label: torch.Tensor, spacing: list[float] | None = None) -> float:
+    """95th-percentile Hausdorff distance between binary ``pred`` and ``label`` (same shape, channel first)."""
+    p, y = (pred > 0.5)[None], (label > 0.5)[None]
+    if not p.any() or not y.any():
+        return 0.0 if not p.any() and not y.any() else float("nan")
+    dist = compute_hausdorff_distance(p.float(), y.float(), include_background=True, percentile=95, spacing=spacing)
+    return float(dist.reshape(-1)[0])
 
 
 def summarise(rows: list[dict], columns: tuple[str, ...] = ("dice", "iou")) -> dict:
@@ -46,11 +57,21 @@ def summarise(rows: list[dict], columns: tuple[str, ...] = ("dice", "iou")) -> d
 
 class SegmentationReport:
     """Evaluator handler: per-case Dice/IoU of ``pred`` vs ``label`` (decollated, original resolution),
-    written on completion to ``<output_dir>/metrics.csv`` and ``<output_dir>/summary.json``."""
+    written on completion to ``<output_dir>/metrics.csv`` and ``<output_dir>/summary.json``.
+    ``hd95=True`` adds an ``hd95`` column, using the label's voxel spacing (from its affine) when it has one."""
 
-    def __init__(self, output_dir: str, name_key: str = "image", pred_key: str = "pred", label_key: str = "label"):
+    def __init__(
+        self,
+        output_dir: str,
+        name_key: str = "image",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        hd95: bool = False,
+    ):
         self.output_dir = Path(output_dir)
         self.name_key, self.pred_key, self.label_key = name_key, pred_key, label_key
+        self.hd95 = bool(hd95)
+        self.columns = ("dice", "iou", "hd95") if self.hd95 else ("dice", "iou")
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
@@ -61,13 +82,23 @@ class SegmentationReport:
     def iteration_completed(self, engine: Engine) -> None:
         for item in engine.state.output:
             name = Path(str(item[self.name_key].meta["filename_or_obj"])).name
-            dice, iou = dice_iou(item[self.pred_key].cpu(), item[self.label_key].cpu())
-            self.rows.append({"name": name, "dice": dice, "iou": iou})
+            pred, label = item[self.pred_key].cpu(), item[self.label_key].cpu()
+            dice, iou = dice_iou(pred, label)
+            row = {"name": name, "dice": dice, "iou": iou}
+            if self.hd95:
+                affine = getattr(label, "affine", None)
+                spacing = (
+                    None
+                    if affine is None
+                    else torch.linalg.norm(affine[: label.dim() - 1, : label.dim() - 1].double(), dim=0).tolist()
+                )
+                row["hd95"] = hd95(pred, label, spacing)
+            self.rows.append(row)
 
     def completed(self, engine: Engine) -> dict:
-        summary = summarise(self.rows)
+        summary = summarise(self.rows, self.columns)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]) if self.rows else ["name", "dice", "iou"])
+        writer = csv.DictWriter(buf, fieldnames=["name", *self.columns])
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.output_dir / "metrics.csv", buf.getvalue())

@@ -1,0 +1,269 @@
+"""3D CT volumes (BTCV, STS-3D): preprocessing ranges, slicing/restacking geometry, NIfTI output, foreground
+rules, bad-input errors, and a short train -> infer -> evaluate run of the bundle on the demo volumes."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_bundle
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, Invertd, RepeatChanneld
+
+from scripts.data import DatasetError
+from scripts.demo_data import _orient, make_ct_volume, save_volume
+from scripts.volumes import (
+    TRANSUNET8,
+    Foregroundd,
+    LoadCachedd,
+    SaveVolumed,
+    VolumeCacheDataset,
+    VolumeInferer,
+    make_datalist,
+    volume_transforms,
+)
+
+BTCV_WINDOW, STS_WINDOW = (-175, 250), (-100, 1100)
+
+
+class FirstChannel:
+    """An identity "model" as a 2D inferer: the slice's first channel."""
+
+    def __call__(self, inputs, network=None):
+        assert inputs.dim() == 4
+        return inputs[:, :1].clone()
+
+
+def btcv_item(root, case="0005"):
+    return {
+        "image": str(root / "btcv" / "img" / f"img{case}.nii.gz"),
+        "label": str(root / "btcv" / "label" / f"label{case}.nii.gz"),
+    }
+
+
+def test_window_scale_and_three_channels(demo_volumes, tmp_path):
+    item = btcv_item(demo_volumes)
+    hu = nib.load(item["image"]).get_fdata()
+    d = volume_transforms("btcv", BTCV_WINDOW, 64)(item)
+    image, label = d["image"], d["label"]
+    assert image.shape[:3] == (3, 64, 64) and label.shape == (1, *image.shape[1:])
+    assert float(image.min()) == -1.0 and float(image.max()) == 1.0  # air and bone are clipped
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    assert set(label.unique().tolist()) <= {0.0, 1.0}
+    # inside the window the scaling is linear: HU -> 2 (HU + 175) / 425 - 1, checked on a voxel mean
+    flat = ((np.clip(hu, *BTCV_WINDOW) + 175) / 425 * 2 - 1).mean()
+    assert abs(float(image[0].mean()) - flat) < 0.05
+    # training slices come from the cache as (1, S, S) and become (3, S, S)
+    ds = VolumeCacheDataset(
+        [dict(item, name="img0005")],
+        Compose([LoadCachedd(["image", "label"]), RepeatChanneld("image", 3)]),
+        volume_transforms("btcv", BTCV_WINDOW, 64),
+        str(tmp_path),
+    )
+    assert len(ds) == image.shape[-1]
+    k = image.shape[-1] // 2
+    s = ds[k]
+    assert s["image"].shape == (3, 64, 64) and s["label"].shape == (1, 64, 64)
+    assert torch.allclose(s["image"], image[..., k], atol=2e-3)  # float16 cache
+    assert torch.equal(s["label"], label[..., k])
+
+
+def test_volume_inferer_restacks_in_slice_order():
+    x = torch.randn(2, 3, 16, 12, 7)
+    out = VolumeInferer(FirstChannel(), batch_size=3)(x, None)
+    assert torch.equal(out, x[:, :1])
+    assert torch.equal(VolumeInferer(FirstChannel())(x[..., 0], None), x[:, :1, ..., 0])  # 2D passes through
+
+
+@pytest.mark.parametrize(
+    "shape,how", [((64, 64, 17), "none"), ((48, 48, 12), "flip"), ((64, 64, 9), "transpose"), ((48, 48, 21), "rotate")]
+)
+def test_slice_restack_invert_is_identity(tmp_path, shape, how):
+    """Chain -> identity model on every axial slice -> restack -> Invertd: the input voxel for voxel, same affine."""
+    rng = np.random.default_rng(sum(shape))
+    hu, _ = make_ct_volume(rng, shape)
+    affine = np.diag([-0.8, -0.75, 2.5, 1.0])
+    affine[:3, 3] = [120, -30, 400]
+    if how == "rotate":
+        a = np.deg2rad(6)
+        affine[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ affine[:3, :3]
+    array, affine = _orient(hu, affine, how if how != "rotate" else "none")
+    save_volume(tmp_path / "img0100.nii.gz", array, affine)
+    pre = volume_transforms("btcv", BTCV_WINDOW, shape[0], resample_label=False)
+    d = pre({"image": str(tmp_path / "img0100.nii.gz")})
+    d["pred"] = VolumeInferer(FirstChannel(), batch_size=4)(d["image"][None], None)[0]
+    out = Invertd("pred", pre, orig_keys="image", nearest_interp=False)(d)["pred"]
+    expected = (np.clip(array, *BTCV_WINDOW) + 175) / 425 * 2 - 1
+    assert out.shape == (1, *array.shape)
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(out.affine.numpy(), affine, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dataset,name",
+    [("btcv", "img0006"), ("btcv", "img0007"), ("btcv", "img0009"), ("sts3d", "sts3d_006"), ("sts3d", "sts3d_010")],
+)
+def test_written_nifti_has_the_inputs_geometry(demo_volumes, tmp_path, dataset, name):
+    """Resized to 64 px and back: the written mask has the input's shape and affine (NIfTI, .mha and .nrrd inputs)."""
+    window = BTCV_WINDOW if dataset == "btcv" else STS_WINDOW
+    item = next(d for d in make_datalist(dataset, str(demo_volumes / dataset), "all") if d["name"] == name)
+    pre = volume_transforms(dataset, window, 64, resample_label=False)
+    d = pre(item)
+    d["pred"] = (VolumeInferer(FirstChannel())(d["image"][None], None)[0] > 0).float()
+    d = Invertd("pred", pre, orig_keys="image")(d)
+    SaveVolumed("pred", str(tmp_path))(d)
+    written = nib.load(tmp_path / f"{name}.nii.gz")
+    label = nib.load(item["label"])
+    assert written.shape == label.shape and written.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(written.affine, label.affine, atol=1e-4)
+    if item["image"].endswith(".nii.gz"):
+        src = nib.load(item["image"])
+        assert (
+            written.header["sform_code"] == src.header["sform_code"]
+            and written.header["qform_code"] == src.header["qform_code"]
+        )
+        assert np.array_equal(written.affine, src.affine)
+    assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1}
+
+
+def test_btcv_all13_and_transunet8_differ_exactly_on_five_labels(demo_volumes):
+    label = nib.load(btcv_item(demo_volumes)["label"])
+    from monai.data import MetaTensor
+
+    y = MetaTensor(torch.as_tensor(np.asarray(label.dataobj), dtype=torch.float32)[None])
+    all13 = Foregroundd("label", "btcv", "all13")({"label": y})["label"]
+    tu8 = Foregroundd("label", "btcv", "transunet8")({"label": y})["label"]
+    dropped = set(range(1, 14)) - set(TRANSUNET8)
+    assert dropped == {5, 9, 10, 12, 13} and all(bool((y == v).any()) for v in range(1, 14))
+    assert torch.equal((all13 != tu8), torch.isin(y, torch.tensor(sorted(dropped), dtype=y.dtype)))
+    assert torch.equal(tu8, torch.isin(y, torch.tensor(TRANSUNET8, dtype=y.dtype)).float())
+
+
+def test_splits_are_fixed(demo_volumes):
+    names = lambda ds, s: [d["name"] for d in make_datalist(ds, str(demo_volumes / ds), s)]  # noqa: E731
+    assert names("btcv", "test") == ["img0001", "img0002"]  # the authors' test ids present in the demo
+    assert names("btcv", "train") == ["img0005", "img0006", "img0007"] and names("btcv", "val") == ["img0009"]
+    assert names("sts3d", "test") == ["sts3d_010", "sts3d_011", "sts3d_012"] and names("sts3d", "val") == ["sts3d_009"]
+    assert len(names("sts3d", "train")) == 8
+
+
+def _bad_dataset(tmp_path, problem: str):
+    """A BTCV folder with one training case broken in one way."""
+    root = tmp_path / problem
+    rng = np.random.default_rng(0)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])
+    for case in (5, 6):
+        hu, label = make_ct_volume(rng, (32, 32, 8))
+        img_path, lab_path = root / "img" / f"img{case:04d}.nii.gz", root / "label" / f"label{case:04d}.nii.gz"
+        lab_affine = affine
+        if case == 6 and problem == "4d":
+            hu = np.stack([hu, hu], -1)
+        elif case == 6 and problem == "shape":
+            label = label[:, :, :-1]
+        elif case == 6 and problem == "affine":
+            lab_affine = np.diag([-0.8, -0.8, 3.0, 1.0])
+        elif case == 6 and problem == "values":
+            label[0, 0, 0] = 14
+        elif case == 6 and problem == "nan":
+            hu = hu.astype(np.float32)
+            hu[3, 3, 3] = np.nan
+        save_volume(img_path, hu, affine)
+        save_volume(lab_path, label, lab_affine)
+        if case == 6 and problem == "unreadable":
+            lab_path.write_bytes(b"not a volume")
+    return root, root / ("label" if problem in ("shape", "affine", "values", "unreadable") else "img") / (
+        "label0006.nii.gz" if problem in ("shape", "affine", "values", "unreadable") else "img0006.nii.gz"
+    )
+
+
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("4d", "expected a 3D volume"),
+        ("shape", "label shape"),
+        ("affine", "label affine differs"),
+        ("values", "unexpected label values [14.0]"),
+        ("nan", "NaN or infinite voxels"),
+        ("unreadable", "cannot be read as a volume"),
+    ],
+)
+def test_bad_input_fails_before_training_naming_the_file(tmp_path, problem, message):
+    root, culprit = _bad_dataset(tmp_path, problem)
+    with pytest.raises(DatasetError) as err:  # what train#dataset does when the trainer is built
+        data = make_datalist("btcv", str(root), "all", val_fraction=0.0)
+        VolumeCacheDataset(data, None, volume_transforms("btcv", BTCV_WINDOW, 32), str(tmp_path / "cache"))
+    assert str(culprit) in str(err.value) and message in str(err.value)
+
+
+def test_sts3d_label_values_and_skip_empty(demo_volumes, tmp_path):
+    from monai.data import MetaTensor
+
+    with pytest.raises(DatasetError, match="non-negative integers"):
+        Foregroundd("label", "sts3d")({"label": MetaTensor(torch.tensor([[[[0.0, 0.5]]]]))})
+    data = make_datalist("sts3d", str(demo_volumes / "sts3d"), "val")
+    ds = VolumeCacheDataset(
+        data, LoadCachedd(["image", "label"]), volume_transforms("sts3d", STS_WINDOW, 32), str(tmp_path), skip_empty=1.0
+    )
+    empty = [i for i, d in enumerate(ds.data) if not d["foreground"]]
+    assert empty and ds.with_foreground
+    assert all(bool(ds[i]["label"].any()) for i in empty)  # always redrawn among slices with teeth
+
+
+# ---- the bundle, as users run it ------------------------------------------------------------------
+AE = ["train.yaml", "train_autoencoder.yaml", "ct.yaml", "tiny.yaml"]
+TRAIN = ["train.yaml", "ct.yaml", "tiny.yaml"]
+EVAL = ["inference.yaml", "evaluate.yaml", "ct.yaml", "tiny.yaml"]
+INFER = ["inference.yaml", "ct.yaml", "tiny.yaml"]
+
+
+def test_short_3d_run_trains_infers_and_evaluates_per_volume(demo_volumes, tmp_path):
+    root = tmp_path
+    common = ["--bundle_root", str(root), "--dataset_dir", str(demo_volumes / "btcv")]
+    run_bundle("training", AE, root, *common, "--autoencoder_max_iterations", "4", "--autoencoder_val_interval", "2")
+    run_bundle("training", TRAIN, root, *common, "--max_iterations", "4", "--val_interval", "2", "--batch_size", "4")
+    assert (root / "models" / "model.pt").is_file() and list((root / "data" / "cache").glob("*/meta.json"))
+    proc = run_bundle("evaluate", EVAL, root, *common, "--save_score", "True")
+    rows = (root / "eval" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "name,dice,iou,hd95" and [r.split(",")[0] for r in rows[1:]] == [
+        "img0001.nii.gz",
+        "img0002.nii.gz",
+    ]
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    assert summary["dice"]["n"] == 2 and 0 <= summary["dice"]["mean"] <= 1 and "2 cases: dice" in proc.stdout
+    for case in ("0001", "0002"):
+        src = nib.load(demo_volumes / "btcv" / "img" / f"img{case}.nii.gz")
+        for out in (
+            root / "eval" / "masks" / f"img{case}.nii.gz",
+            root / "eval" / "masks" / "scores" / f"img{case}.nii.gz",
+        ):
+            written = nib.load(out)
+            assert written.shape == src.shape and np.array_equal(written.affine, src.affine)
+    # STS-3D test volumes are .nrrd files: inference reads them and writes NIfTI masks on their grid
+    out = root / "sts_masks"
+    run_bundle(
+        "inference",
+        INFER,
+        root,
+        "--dataset",
+        "sts3d",
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(demo_volumes / "sts3d"),
+        "--output_dir",
+        str(out),
+    )
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["sts3d_010.nii.gz", "sts3d_011.nii.gz", "sts3d_012.nii.gz"]
+    assert (
+        nib.load(out / "sts3d_010.nii.gz").shape
+        == nib.load(demo_volumes / "sts3d" / "label" / "sts3d_010.nii.gz").shape
+    )
+
+
+@pytest.mark.parametrize("dataset, window", [("btcv", BTCV_WINDOW), ("sts3d", STS_WINDOW)])
+def test_ct_overlay_picks_the_dataset_window(dataset, window):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "ct.yaml", "tiny.yaml")])
+    parser["dataset"] = dataset
+    assert tuple(parser.get_parsed_content("hu_window")) == window
