@@ -63,13 +63,18 @@ class SDSeg(nn.Module):
 
     Args:
         autoencoder: MONAI ``AutoencoderKL`` for masks; frozen here (no gradients, always eval mode).
-        unet: MONAI ``DiffusionModelUNet`` with ``2 * latent_channels`` inputs and ``latent_channels`` outputs.
+        unet: MONAI ``DiffusionModelUNet`` with ``2 * latent_channels`` inputs and ``latent_channels`` outputs
+            (``fusion="crossattn"``: ``latent_channels`` inputs, ``with_conditioning=True`` and
+            ``cross_attention_dim=latent_channels``).
         scheduler: the training noise schedule (T steps, epsilon prediction).
         autoencoder_path: optional weights for ``autoencoder``, loaded before the vision encoder is copied
             from its encoder (so tau_theta starts from E's weights, as in the paper).
         trainable_encoder: ``False`` freezes the vision encoder (ablation, paper Table 6).
         scale_factor: latent scale; ``0`` means "not set yet": the trainer sets ``1 / std(z)`` from the
             first training batch of mask latents. Saved with the weights.
+        fusion: how z_c reaches the U-Net: ``"concat"`` (SDSeg: channel concatenation at the input) or
+            ``"crossattn"`` (ablation baseline, paper Table 6: z_c flattened to h*w tokens of ``latent_channels``
+            features, fed to the U-Net's cross-attention as context).
     """
 
     def __init__(
@@ -80,20 +85,30 @@ class SDSeg(nn.Module):
         autoencoder_path: str | None = None,
         trainable_encoder: bool = True,
         scale_factor: float = 0.0,
+        fusion: str = "concat",
     ):
         super().__init__()
+        if fusion not in ("concat", "crossattn"):
+            raise ValueError(f"fusion must be 'concat' or 'crossattn', got {fusion!r}")
+        self.fusion = fusion
         if autoencoder_path:
             load_autoencoder(autoencoder, autoencoder_path)
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         latent_channels = autoencoder.latent_channels
-        conv_in = unet.conv_in.conv
-        if unet.in_channels != 2 * latent_channels or unet.out_channels != latent_channels:
+        if fusion == "concat":
+            if unet.in_channels != 2 * latent_channels or unet.out_channels != latent_channels:
+                raise ValueError(
+                    f"the U-Net must take {2 * latent_channels} input channels (cat of z_t and z_c) and return "
+                    f"{latent_channels}; got {unet.in_channels} -> {unet.out_channels}"
+                )
+            with torch.no_grad():  # the z_c half of the first conv starts at zero (paper, Sec. 3.2)
+                unet.conv_in.conv.weight[:, latent_channels:] = 0
+        elif unet.in_channels != latent_channels or unet.out_channels != latent_channels or not unet.with_conditioning:
             raise ValueError(
-                f"the U-Net must take {2 * latent_channels} input channels (cat of z_t and z_c) and return "
-                f"{latent_channels}; got {unet.in_channels} -> {unet.out_channels}"
+                f"fusion 'crossattn' needs a U-Net with {latent_channels} input and output channels and "
+                f"with_conditioning=True (cross_attention_dim={latent_channels}); got {unet.in_channels} -> "
+                f"{unet.out_channels}, with_conditioning={unet.with_conditioning}"
             )
-        with torch.no_grad():  # the z_c half of the first conv starts at zero (paper, Sec. 3.2)
-            conv_in.weight[:, latent_channels:] = 0
         self.unet = unet
         self.vision_encoder = VisionEncoder(copy.deepcopy(autoencoder.encoder), latent_channels)
         self.vision_encoder.requires_grad_(trainable_encoder)
@@ -123,7 +138,9 @@ class SDSeg(nn.Module):
         return self.vision_encoder(image)
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """n~ = f(z_t; z_c): the U-Net on the channel concatenation, z_t first."""
+        """n~ = f(z_t; z_c): the U-Net on the channel concatenation, z_t first (or z_c as cross-attention tokens)."""
+        if self.fusion == "crossattn":
+            return self.unet(z_t, timesteps=t, context=z_c.flatten(2).transpose(1, 2))
         return self.unet(torch.cat([z_t, z_c], dim=1), timesteps=t)
 
     def decode_score(self, z0: torch.Tensor) -> torch.Tensor:

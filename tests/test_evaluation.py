@@ -1,0 +1,345 @@
+"""Evaluation suite: stability (Table 5), reverse-process sweep (Table 4), ablation overlays (Table 6), pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, build_tiny_sdseg, run_bundle
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.inferers import Inferer
+from monai.networks.nets.diffusion_model_unet import SpatialTransformer
+from PIL import Image
+from torch import nn
+
+from scripts.engine import sdseg_loss
+from scripts.evaluation import (
+    OutputCollector,
+    StabilityAccumulator,
+    StabilityEvaluation,
+    load_lpips,
+    ms_ssim_settings,
+    run_with_inferer,
+)
+from scripts.figures import case_grid, training_curves
+from scripts.sampler import SDSegInferer
+
+ABLATIONS = {  # overlay -> (fusion, trainable encoder, lambda), paper Table 6 rows
+    "ablation_crossattn_frozen.yaml": ("crossattn", False, 0.0),
+    "ablation_concat_frozen.yaml": ("concat", False, 0.0),
+    "ablation_concat_trainable.yaml": ("concat", True, 0.0),
+    "ablation_concat_trainable_latent.yaml": ("concat", True, 1.0),
+}
+
+
+class StubSDSeg(nn.Module):
+    """The interface SDSegInferer uses; the score depends on the noise through ``gain`` (0: deterministic)."""
+
+    num_train_timesteps = 1000
+
+    def __init__(self, gain: float = 0.0):
+        super().__init__()
+        self.gain = gain
+
+    def encode_image(self, image):
+        return F.avg_pool2d(image, 8).mean(1, keepdim=True).expand(-1, 4, -1, -1) * 3
+
+    def predict_noise(self, z_t, t, z_c):
+        return z_c + self.gain * z_t
+
+    def estimate_z0(self, z_t, t, noise_pred):
+        return noise_pred
+
+    def decode_score(self, z0):
+        return torch.sigmoid(2 * F.interpolate(z0.mean(1, keepdim=True), scale_factor=8, mode="bilinear"))
+
+
+def named_images(names, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = {n: torch.rand((3, size, size), generator=g) * 2 - 1 for n in sorted(names)}
+    return [{"image": MetaTensor(images[n], meta={"filename_or_obj": f"/data/{n}.png"})} for n in names]
+
+
+def stub_evaluator(items, gain=0.0):
+    loader = DataLoader(Dataset(items), batch_size=3, shuffle=False, num_workers=0)
+    return SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=loader, network=StubSDSeg(gain), inferer=SDSegInferer()
+    )
+
+
+def random_maps(names, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand((1, size, size), generator=g) for n in names}
+
+
+# ---- stability ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cap", [100.0, None])
+def test_deterministic_model_gives_identical_runs_without_crashing(tmp_path, cap):
+    names = [f"case{i}" for i in range(5)]
+    ev = StabilityEvaluation(
+        stub_evaluator(named_images(names)), str(tmp_path), num_runs=3, psnr_cap=cap, lpips_net="none"
+    )
+    result = ev.run()
+    table, notes = result["table"], result["notes"]
+    for kind in ("seg", "score"):
+        assert table[f"psnr_{kind}"] == (math.inf if cap is None else cap)
+        assert table[f"ssim_{kind}"] == pytest.approx(1.0) and table[f"ms_ssim_{kind}"] == pytest.approx(1.0)
+        assert notes["identical_pairs"][kind] == "10 of 10"
+        assert math.isnan(table[f"lpips_{kind}"])
+    assert (
+        notes["lpips"].startswith("unavailable") and "3 scale(s)" in notes["ms_ssim"] and "160 px" in notes["ms_ssim"]
+    )
+    saved = json.loads((tmp_path / "stability.json").read_text())  # strict JSON: no NaN / Infinity tokens
+    assert saved["table"]["lpips_seg"] is None and saved["table"]["psnr_seg"] == ("inf" if cap is None else cap)
+    assert (tmp_path / "stability.csv").read_text().startswith("method,lpips_seg,lpips_score,psnr_seg")
+    assert len((tmp_path / "stability_per_image.csv").read_text().splitlines()) == 1 + 5
+
+
+def test_noisy_stub_runs_differ_and_seeds_are_reproducible(tmp_path):
+    items = named_images([f"case{i}" for i in range(4)])
+    a = StabilityEvaluation(stub_evaluator(items, gain=0.3), str(tmp_path / "a"), num_runs=3, lpips_net="none").run()
+    b = StabilityEvaluation(stub_evaluator(items, gain=0.3), str(tmp_path / "b"), num_runs=3, lpips_net="none").run()
+    assert a["table"] == pytest.approx(b["table"], nan_ok=True)
+    assert a["table"]["ssim_score"] < 1 and a["table"]["psnr_score"] < 100
+
+
+def flipped(masks, fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.where(torch.rand(m.shape, generator=g) < fraction, 1 - m, m) for n, m in masks.items()}
+
+
+def test_less_noise_gives_higher_psnr_and_ssim():
+    names = [f"c{i}" for i in range(6)]
+    masks = {n: (m > 0.5).float() for n, m in random_maps(names).items()}
+    results = {}
+    for fraction in (0.01, 0.05, 0.2):
+        acc = StabilityAccumulator(lpips_net="none")
+        acc.add(masks)
+        for run in range(2):
+            acc.add(flipped(masks, fraction, seed=10 + run))
+        results[fraction] = acc.result()["table"]
+    for key in ("psnr_seg", "ssim_seg", "ms_ssim_seg", "psnr_score", "ssim_score", "ms_ssim_score"):
+        assert results[0.01][key] > results[0.05][key] > results[0.2][key], key
+    assert results[0.01]["psnr_seg"] == pytest.approx(20.0, abs=0.5)  # MSE = 0.01 -> 20 dB
+
+
+def test_runs_are_paired_by_name_not_order():
+    names = [f"img{i:02d}" for i in range(8)]
+    ref = random_maps(names, seed=1)
+    changed = dict(ref, img03=1 - ref["img03"])
+    shuffled = {n: changed[n] for n in np.random.default_rng(0).permutation(names)}
+    acc = StabilityAccumulator(lpips_net="none")
+    acc.add(ref)
+    acc.add(shuffled)
+    rows = {r["name"]: r for r in acc.per_image()}
+    assert rows["img03"]["ssim_score"] < 0.5 and all(
+        rows[n]["ssim_score"] == pytest.approx(1.0) for n in names if n != "img03"
+    )
+    with pytest.raises(ValueError, match="missing \\['img07'\\]"):
+        acc.add({n: ref[n] for n in names[:-1]})
+
+
+def test_pairing_survives_shuffled_file_order():
+    """Two evaluators load the same files in different orders: outputs pair by file name."""
+    names = [f"case{i}" for i in range(6)]
+    items = named_images(names)
+    outputs = []
+    for order in (items, items[::-1], [items[i] for i in (3, 0, 5, 1, 4, 2)]):
+        evaluator = stub_evaluator(order)
+        collector = OutputCollector()
+        collector.attach(evaluator)
+        run_with_inferer(evaluator, SDSegInferer(seed=3))
+        outputs.append(dict(collector.outputs))
+    acc = StabilityAccumulator(lpips_net="none")
+    for out in outputs:
+        acc.add(out)
+    assert acc.result()["notes"]["identical_pairs"] == {"seg": "12 of 12", "score": "12 of 12"}
+
+
+def test_volumes_of_different_sizes_and_wrapped_inferers():
+    """3D maps (1, H, W, D) of different depths; a wrapper such as the slice-by-slice inferer keeps wrapping."""
+    g = torch.Generator().manual_seed(0)
+    ref = {"a": torch.rand((1, 32, 32, 20), generator=g), "b": torch.rand((1, 32, 32, 12), generator=g)}
+    acc = StabilityAccumulator(lpips_net="alex", lpips_pnet_rand=True)
+    acc.add(ref)
+    acc.add({"b": ref["b"], "a": ref["a"].flip(-1)})
+    rows = {r["name"]: r for r in acc.per_image()}
+    assert rows["b"]["ssim_score"] == pytest.approx(1.0) and rows["a"]["ssim_score"] < 0.5
+    assert acc.lpips_runs["score"][0] > 0
+
+    class Wrapper(Inferer):
+        def __init__(self, inferer):
+            super().__init__()
+            self.inferer = inferer
+
+        def __call__(self, inputs, network, *args, **kwargs):
+            return self.inferer(inputs, network)
+
+    evaluator = stub_evaluator(named_images(["x", "y"]))
+    evaluator.inferer = wrapper = Wrapper(SDSegInferer(seed=0))
+    seen = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.inferer))
+    seconds, slices = run_with_inferer(evaluator, SDSegInferer(seed=5))
+    assert seconds > 0 and slices == 2
+    assert isinstance(seen[0], Wrapper) and seen[0] is not wrapper and seen[0].inferer.inferer.seed == 5
+    assert evaluator.inferer is wrapper and wrapper.inferer.seed == 0
+
+
+def test_ms_ssim_settings_fit_the_image_size():
+    assert ms_ssim_settings(256) == (11, (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), "")
+    kernel, weights, note = ms_ssim_settings(64)
+    assert kernel == 11 and len(weights) == 3 and sum(weights) == pytest.approx(1.0) and "64 px" in note
+    assert ms_ssim_settings(8)[:2] == (7, (1.0,))
+
+
+def test_lpips_with_random_backbone_and_unavailable_offline(tmp_path, monkeypatch):
+    names = [f"c{i}" for i in range(3)]
+    ref = random_maps(names)
+    acc = StabilityAccumulator(lpips_net="alex", lpips_pnet_rand=True)
+    assert "RANDOM backbone" in acc.lpips_status
+    acc.add(ref)
+    acc.add(ref)
+    acc.add({n: 1 - m for n, m in ref.items()})
+    assert acc.lpips_runs["score"][0] == pytest.approx(0.0, abs=1e-6) and acc.lpips_runs["score"][1] > 0
+    table = acc.result()["table"]
+    assert math.isfinite(table["lpips_seg"]) and math.isfinite(table["lpips_score"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: no backbone weights
+    model, status = load_lpips("alex")
+    assert model is None and status.startswith("unavailable") and str(tmp_path) in status
+
+
+# ---- ablation overlays ---------------------------------------------------------------------------
+def parse(files, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    parser["bundle_root"] = str(ROOT)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+@pytest.mark.parametrize("overlay", sorted(ABLATIONS))
+def test_ablation_overlay_builds_the_expected_model(overlay):
+    fusion, trainable, weight = ABLATIONS[overlay]
+    torch.manual_seed(0)
+    parser = parse(["train.yaml", overlay, "tiny.yaml"], autoencoder_path=None, device="$torch.device('cpu')")
+    net = parser.get_parsed_content("network")
+    assert net.fusion == fusion and parser.get_parsed_content("train#trainer#iteration_update").loss_weight == weight
+    assert "models/ablation/" in parser.get_parsed_content("ckpt_dir")
+    cross = [m for m in net.unet.modules() if isinstance(m, SpatialTransformer)]
+    assert net.unet.conv_in.conv.in_channels == (4 if fusion == "crossattn" else 8)
+    assert bool(cross) == (fusion == "crossattn") and net.unet.with_conditioning == (fusion == "crossattn")
+    assert all(p.requires_grad == trainable for p in net.vision_encoder.parameters())
+
+    # one training step with the config's optimizer: a frozen encoder does not move, the U-Net does
+    optimizer = parser.get_parsed_content("optimizer")
+    net.scale_factor.fill_(1.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    image, mask = torch.rand(2, 3, 64, 64) * 2 - 1, (torch.rand(2, 1, 64, 64) > 0.5).float()
+    loss = sdseg_loss(net, image, mask, weight)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    after = net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("unet.") for k in moved)
+    assert not any(k.startswith("autoencoder.") for k in moved)
+    if not trainable:
+        assert not any(k.startswith("vision_encoder.") for k in moved)
+
+    # inference builds the same network from the same overlay, and loads the trained weights
+    infer = parse(["inference.yaml", "evaluate.yaml", overlay, "tiny.yaml"]).get_parsed_content("network_def")
+    assert infer.fusion == fusion
+    infer.load_state_dict(after)
+    net.eval()
+    infer.eval()
+    with torch.no_grad():
+        noise = torch.randn(1, 4, 8, 8)
+        assert torch.allclose(net(image, noise), infer(image, noise))
+
+
+def test_fusion_key_is_shared_by_training_and_inference():
+    import yaml
+
+    train, infer = (yaml.safe_load((ROOT / "configs" / f).read_text()) for f in ("train.yaml", "inference.yaml"))
+    assert train["fusion"] == infer["fusion"] == "concat"
+    assert train["network_def"]["fusion"] == infer["network_def"]["fusion"] == "@fusion"
+    for overrides, message in (
+        (
+            {"fusion": "crossattn", "unet_def#with_conditioning": False, "unet_def#cross_attention_dim": None},
+            "needs a U-Net",
+        ),
+        ({"network_def#fusion": "add"}, "fusion must be 'concat' or 'crossattn'"),
+    ):
+        with pytest.raises(RuntimeError) as err:  # MONAI wraps the constructor's ValueError
+            build_tiny_sdseg(**overrides)
+        assert message in str(err.value.__cause__)
+
+
+# ---- bundle runs: stability and reverse sweep on a random-weight tiny model ---------------------------
+@pytest.fixture(scope="module")
+def bundle_with_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalbundle")
+    model = build_tiny_sdseg(seed=0)
+    model.scale_factor.fill_(1.0)
+    (root / "models").mkdir()
+    torch.save({"model": model.state_dict()}, root / "models" / "model.pt")
+    return root
+
+
+def test_stability_bundle_run(bundle_with_model, demo_root):
+    root = bundle_with_model
+    files = ["inference.yaml", "stability.yaml", "tiny.yaml"]
+    args = ["--bundle_root", str(root), "--dataset_dir", str(demo_root / "cvc"), "--num_runs", "3", "--batch_size", "2"]
+    proc = run_bundle("stability", files, root, *args)
+    saved = json.loads((root / "eval" / "stability" / "stability.json").read_text())
+    assert saved["notes"]["runs"] == 3 and saved["notes"]["images"] == 3
+    assert set(saved["table"]) == {
+        "method",
+        *(f"{m}_{k}" for m in ("lpips", "psnr", "ssim", "ms_ssim") for k in ("seg", "score")),
+    }
+    assert "| method | lpips_seg |" in proc.stdout and "MS-SSIM on 64 px images" in proc.stdout
+
+
+def test_reverse_sweep_reports_one_row_per_setting(bundle_with_model, demo_root):
+    root = bundle_with_model
+    files = ["inference.yaml", "evaluate.yaml", "reverse_sweep.yaml", "tiny.yaml"]
+    proc = run_bundle("reverse_sweep", files, root, "--bundle_root", str(root), "--dataset_dir", str(demo_root / "cvc"))
+    out = root / "eval" / "reverse_sweep"
+    rows = json.loads((out / "reverse_sweep.json").read_text())
+    assert [(r["steps"], r["samples"]) for r in rows] == [(1, 1), (2, 1), (5, 1), (10, 1), (50, 1), (1, 5), (1, 25)]
+    assert all(r["n"] == r["slices"] == 3 and 0 <= r["dice"] <= 1 and r["slices_per_s"] > 0 for r in rows)
+    assert len((out / "reverse_sweep.csv").read_text().splitlines()) == 1 + 7
+    assert (out / "steps10_samples1" / "metrics.csv").exists() and (out / "figures" / "cases.png").exists()
+    assert "DDIM 50 steps" in proc.stdout
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+def test_case_grid_and_training_curves(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    case = {
+        "name": "a.png",
+        "dice": 0.5,
+        "image": torch.rand(3, 32, 32) * 2 - 1,
+        "label": torch.zeros(1, 48, 64),
+        "pred": torch.ones(1, 48, 64),
+        "score": torch.rand(1, 48, 64),
+    }
+    grid = case_grid([case, case], height=60)
+    assert grid.shape == (14 + 2 * (14 + 60), 4 * 80, 3) and grid.dtype == np.uint8
+    writer = SummaryWriter(str(tmp_path / "logs"))
+    for step in range(1, 41):
+        writer.add_scalar("train_loss", 2.0 / step, step)
+    for epoch in range(1, 5):
+        writer.add_scalar("val_mean_dice", 0.2 * epoch, epoch)
+    writer.close()
+    out = training_curves(str(tmp_path / "logs"), str(tmp_path / "fig" / "curves.png"))
+    assert Image.open(out).size == (840, 300)
