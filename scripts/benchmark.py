@@ -1,0 +1,195 @@
+"""Speed and memory of SDSeg, measured in one run: ``python -m scripts.benchmark --preset tiny``.
+
+Prints a table and writes JSON (``--out``): per-stage time per slice (vision encoder, U-Net, mask
+decoder), bare single-step throughput, end-to-end throughput of the real inference workflow on a demo
+dataset (files -> transforms -> networks -> PNG masks) and its ratio to the bare figure, DDIM-10 and
+DDIM-50 x 25 samples throughput with the measured and the ideal speed-up of the single step, and the
+training step time and peak memory at batch 4. Networks have random weights: speed does not depend on
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.demo_data import write_demo_datasets
+from scripts.engine import sdseg_loss
+from scripts.io_utils import atomic_write_json
+from scripts.sampler import SDSegInferer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parser(files: list[str], **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    parser["bundle_root"] = str(ROOT)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def _timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run(preset: str, batch: int, repeats: int, device: torch.device, n_images: int) -> dict:
+    preset_file = f"{preset}.yaml"
+    parser = _parser(["train.yaml", preset_file], autoencoder_path=None)
+    parser["network_def"]["autoencoder_path"] = None
+    size = parser.get_parsed_content("image_size")
+    torch.manual_seed(0)
+    model = parser.get_parsed_content("network_def").to(device).eval()
+    model.scale_factor.fill_(1.0)
+    images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    res: dict = {"preset": preset, "image_size": size, "batch": batch, "device": str(device)}
+
+    with torch.inference_mode():
+        z_c = model.encode_image(images)
+        t = torch.full((batch,), model.num_train_timesteps - 1, device=device, dtype=torch.long)
+        stage = {
+            "encode": _timed(lambda: model.encode_image(images), device, repeats),
+            "unet": _timed(lambda: model.predict_noise(torch.randn_like(z_c), t, z_c), device, repeats),
+            "decode": _timed(lambda: model.decode_score(z_c), device, repeats),
+        }
+    res["stage_ms_per_slice"] = {k: 1000 * v / batch for k, v in stage.items()}
+    e, u, d = (stage[k] / batch for k in ("encode", "unet", "decode"))
+
+    def throughput(steps: int, samples: int, imgs: torch.Tensor) -> float:
+        inferer = SDSegInferer(num_steps=steps, num_samples=samples, seed=0)
+        return imgs.shape[0] / _timed(lambda: inferer(imgs, model), device, max(1, repeats // 2))
+
+    res["single_step_slices_per_s"] = throughput(1, 1, images)
+    res["ddim10_slices_per_s"] = throughput(10, 1, images)
+    res["ddim50x25_slices_per_s"] = throughput(50, 25, images[:1])
+    res["speedup_vs_ddim10"] = {
+        "measured": res["single_step_slices_per_s"] / res["ddim10_slices_per_s"],
+        "ideal": (e + 10 * u + d) / (e + u + d),
+    }
+    res["speedup_vs_ddim50x25"] = {
+        "measured": res["single_step_slices_per_s"] / res["ddim50x25_slices_per_s"],
+        "ideal": (e + 50 * 25 * u + 25 * d) / (e + u + d),
+    }
+    res["end_to_end"] = end_to_end(preset_file, model, batch, device, n_images)
+    res["end_to_end"]["ratio_to_bare"] = res["end_to_end"]["slices_per_s"] / res["single_step_slices_per_s"]
+    res["training"] = training_step(parser, device)
+    res["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": "float32",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return res
+
+
+def end_to_end(preset_file: str, model, batch: int, device: torch.device, n_images: int) -> dict:
+    """The real inference workflow (configs/inference.yaml) on demo images, weights from ``model``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_demo_datasets(tmp / "demo", n=n_images, seed=0)
+        (tmp / "models").mkdir()
+        torch.save(model.state_dict(), tmp / "models" / "model.pt")
+        parser = _parser(
+            ["inference.yaml", preset_file],
+            ckpt_dir=str(tmp / "models"),
+            input_dir=str(tmp / "demo" / "cvc" / "Original"),
+            output_dir=str(tmp / "out"),
+            batch_size=batch,
+            device=str(device),
+            num_workers=2,
+        )
+        parser["handlers"] = parser["handlers"][:1]  # no progress bar in the timing
+        evaluator = parser.get_parsed_content("evaluator")
+        evaluator.run()  # warm-up (also fills the file cache)
+        seconds = _timed(evaluator.run, device, repeats=2, warmup=0)
+        written = len(list((tmp / "out").glob("*.png")))
+    return {"images": n_images, "masks_written": written, "seconds": seconds, "slices_per_s": n_images / seconds}
+
+
+def training_step(parser: ConfigParser, device: torch.device, batch: int = 4) -> dict:
+    torch.manual_seed(0)
+    model = parser.get_parsed_content("network_def", instantiate=True).to(device).train()
+    model.scale_factor.fill_(1.0)
+    size = parser.get_parsed_content("image_size")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    image = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    mask = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        loss = sdseg_loss(model, image, mask)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = _timed(step, device, repeats=5, warmup=2)
+    out = {
+        "batch": batch,
+        "seconds_per_step": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def report(res: dict) -> str:
+    s, t, e2e = res["stage_ms_per_slice"], res["training"], res["end_to_end"]
+    lines = [
+        f"SDSeg benchmark: preset {res['preset']} ({res['image_size']} px), batch {res['batch']}, {res['device']}, "
+        f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, float32",
+        f"  stage time per slice: encode {s['encode']:.2f} ms, U-Net {s['unet']:.2f} ms, decode {s['decode']:.2f} ms",
+        f"  single step (bare networks): {res['single_step_slices_per_s']:.1f} slices/s",
+        f"  end-to-end inference workflow: {e2e['slices_per_s']:.1f} slices/s "
+        f"({e2e['images']} images) = {e2e['ratio_to_bare']:.2f} x bare",
+        f"  DDIM-10: {res['ddim10_slices_per_s']:.2f} slices/s; single-step speed-up "
+        f"{res['speedup_vs_ddim10']['measured']:.2f} x (ideal {res['speedup_vs_ddim10']['ideal']:.2f} x, "
+        f"{res['speedup_vs_ddim10']['measured'] / res['speedup_vs_ddim10']['ideal']:.2f} of ideal)",
+        f"  DDIM-50 x 25 samples: {res['ddim50x25_slices_per_s']:.3f} slices/s; single-step speed-up "
+        f"{res['speedup_vs_ddim50x25']['measured']:.0f} x (ideal {res['speedup_vs_ddim50x25']['ideal']:.0f} x)",
+        f"  training step (batch {t['batch']}): {t['seconds_per_step']:.3f} s, peak RSS {t['peak_rss_mb']:.0f} MB"
+        + (f", CUDA max allocated {t['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in t else ""),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=48, help="demo images for the end-to-end figure")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="eval/benchmark.json")
+    args = parser.parse_args()
+    res = run(args.preset, args.batch, args.repeats, torch.device(args.device), args.images)
+    print(report(res))
+    atomic_write_json(args.out, res)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
