@@ -32,7 +32,16 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
-__all__ = ["LAYOUTS", "DatasetError", "make_datalist", "image_list", "split_names", "mask_to_target", "MaskToTargetd", "to_rgb"]
+__all__ = [
+    "LAYOUTS",
+    "DatasetError",
+    "make_datalist",
+    "image_list",
+    "split_names",
+    "mask_to_target",
+    "MaskToTargetd",
+    "to_rgb",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

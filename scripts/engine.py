@@ -164,9 +164,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 class ProgressBar(_IgniteProgressBar):
-    """ignite's tqdm progress bar (with the running loss when ``show_loss``); ``attach(engine)`` as MONAI handlers do."""
+    """ignite's tqdm progress bar (with the running loss when ``show_loss``); ``attach(engine)`` as MONAI handlers do.
+    Shown on a terminal only (tqdm ``disable=None``), so logs and CI output keep just the log lines."""
 
     def __init__(self, show_loss: bool = True, **kwargs):
+        kwargs.setdefault("disable", None)
         super().__init__(**kwargs)
         self.show_loss = show_loss
 
@@ -176,7 +178,7 @@ class ProgressBar(_IgniteProgressBar):
 
 
 def latest_checkpoint(ckpt_dir: str, prefix: str = "sdseg") -> str:
-    """The newest ``{prefix}_checkpoint_epoch=N.pt`` written by ``CheckpointSaver`` in ``ckpt_dir`` (for ``--resume``)."""
+    """The newest ``{prefix}_checkpoint_epoch=N.pt`` that ``CheckpointSaver`` wrote in ``ckpt_dir`` (``--resume``)."""
     found = glob.glob(os.path.join(glob.escape(ckpt_dir), f"{prefix}_checkpoint_epoch=*.pt"))
     if not found:
         raise FileNotFoundError(f"{ckpt_dir}: no '{prefix}_checkpoint_epoch=N.pt' checkpoint to resume from")

@@ -14,8 +14,6 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [str(ROOT / "configs" / "train.yaml"), str(ROOT / "configs" / "tiny.yaml")]
 
-torch.set_num_threads(2)
-
 
 def tiny_parser(**overrides) -> ConfigParser:
     parser = ConfigParser()
@@ -43,13 +41,30 @@ def demo_root(tmp_path_factory) -> Path:
     return out
 
 
-def run_bundle(run_id: str, configs: list[str], cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_bundle(
+    run_id: str, configs: list[str], cwd: Path, *args: str, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run <run_id> --config_file [...] <args>`` as a user would type it."""
     files = "[" + ",".join(f"'{ROOT / 'configs' / c}'" for c in configs) + "]"
-    meta = ["--meta_file", str(ROOT / "configs" / "metadata.json"), "--logging_file", str(ROOT / "configs" / "logging.conf")]
+    meta = [
+        "--meta_file",
+        str(ROOT / "configs" / "metadata.json"),
+        "--logging_file",
+        str(ROOT / "configs" / "logging.conf"),
+    ]
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *meta, *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def demo_volumes(tmp_path_factory) -> Path:
+    """The 3D demo sets (``btcv/``, ``sts3d/``) written once per session."""
+    from scripts.demo_data import write_demo_volumes
+
+    out = tmp_path_factory.mktemp("demo3d")
+    write_demo_volumes(out, seed=1)
+    return out

@@ -22,6 +22,7 @@ NETWORK_KEYS = [
     "autoencoder_def",
     "unet_def",
     "noise_scheduler",
+    "fusion",
 ]
 
 
@@ -51,7 +52,16 @@ def test_metadata_validates_against_the_zoo_schema(tmp_path):
     schema = ROOT.parent / "shared" / "reference" / "meta_schema_20240725.json"
     assert schema.exists(), f"{schema}: the zoo's schema (shared/ beside the checkout) is missing"
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(schema)],
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(CONFIGS / "metadata.json"),
+            "--filepath",
+            str(schema),
+        ],
         capture_output=True,
         text=True,
     )

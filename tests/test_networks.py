@@ -123,6 +123,14 @@ def test_unet_channel_check():
     from monai.networks.nets import DiffusionModelUNet
 
     model = build_tiny_sdseg()
-    bad = DiffusionModelUNet(spatial_dims=2, in_channels=4, out_channels=4, channels=(32, 64), attention_levels=(False, False), num_res_blocks=1, norm_num_groups=16)
+    bad = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=4,
+        out_channels=4,
+        channels=(32, 64),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=16,
+    )
     with pytest.raises(ValueError, match="8 input channels"):
         type(model)(model.autoencoder, bad, model.scheduler)
