@@ -12,16 +12,20 @@ import torch
 from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [str(ROOT / "configs" / "train.yaml"), str(ROOT / "configs" / "tiny.yaml")]
 
 
-def tiny_parser(**overrides) -> ConfigParser:
+def parse_configs(files: list[str], **overrides) -> ConfigParser:
+    """The bundle's configs ``files`` (names under configs/, merged in order) with ``overrides`` set."""
     parser = ConfigParser()
-    parser.read_config(TINY)
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
     parser["bundle_root"] = str(ROOT)
     for key, value in overrides.items():
         parser[key] = value
     return parser
+
+
+def tiny_parser(**overrides) -> ConfigParser:
+    return parse_configs(["train.yaml", "tiny.yaml"], **overrides)
 
 
 def build_tiny_sdseg(seed: int = 0, **overrides):

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, build_tiny_sdseg, run_bundle
+from conftest import ROOT, build_tiny_sdseg, parse_configs, run_bundle
 from ignite.engine import Events
-from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
@@ -216,20 +215,11 @@ def test_lpips_with_random_backbone_and_unavailable_offline(tmp_path, monkeypatc
 
 
 # ---- ablation overlays ---------------------------------------------------------------------------
-def parse(files, **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in files])
-    parser["bundle_root"] = str(ROOT)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
-
-
 @pytest.mark.parametrize("overlay", sorted(ABLATIONS))
 def test_ablation_overlay_builds_the_expected_model(overlay):
     fusion, trainable, weight = ABLATIONS[overlay]
     torch.manual_seed(0)
-    parser = parse(["train.yaml", overlay, "tiny.yaml"], autoencoder_path=None, device="$torch.device('cpu')")
+    parser = parse_configs(["train.yaml", overlay, "tiny.yaml"], autoencoder_path=None, device="$torch.device('cpu')")
     net = parser.get_parsed_content("network")
     assert net.fusion == fusion and parser.get_parsed_content("train#trainer#iteration_update").loss_weight == weight
     assert "models/ablation/" in parser.get_parsed_content("ckpt_dir")
@@ -255,7 +245,7 @@ def test_ablation_overlay_builds_the_expected_model(overlay):
         assert not any(k.startswith("vision_encoder.") for k in moved)
 
     # inference builds the same network from the same overlay, and loads the trained weights
-    infer = parse(["inference.yaml", "evaluate.yaml", overlay, "tiny.yaml"]).get_parsed_content("network_def")
+    infer = parse_configs(["inference.yaml", "evaluate.yaml", overlay, "tiny.yaml"]).get_parsed_content("network_def")
     assert infer.fusion == fusion
     infer.load_state_dict(after)
     net.eval()

@@ -7,8 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_bundle
-from monai.bundle import ConfigParser
+from conftest import parse_configs, run_bundle
 from monai.transforms import Compose, Invertd, RepeatChanneld
 
 from scripts.data import DatasetError
@@ -263,7 +262,5 @@ def test_short_3d_run_trains_infers_and_evaluates_per_volume(demo_volumes, tmp_p
 
 @pytest.mark.parametrize("dataset, window", [("btcv", BTCV_WINDOW), ("sts3d", STS_WINDOW)])
 def test_ct_overlay_picks_the_dataset_window(dataset, window):
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "ct.yaml", "tiny.yaml")])
-    parser["dataset"] = dataset
+    parser = parse_configs(["train.yaml", "ct.yaml", "tiny.yaml"], dataset=dataset)
     assert tuple(parser.get_parsed_content("hu_window")) == window
