@@ -159,12 +159,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def mask_to_target(mask: torch.Tensor, rule: str) -> torch.Tensor:
     """A loaded mask (C, H, W) -> binary target (1, H, W) float, by the dataset's rule.
 
-    ``gray``: channel mean > 128 (tolerates JPEG noise). ``refuge_cup``: an RGB mask whose channels
+    ``gray``: channel mean > 128 (0/255 masks; tolerates JPEG noise), or > 0.5 for 0/1 label maps (as MONAI
+    Label saves them). ``refuge_cup``: an RGB mask whose channels
     differ marks the cup with G == 255; a gray disc map (0 cup, 128 disc, 255 background) marks
     it with values < 64.
     """
     if rule == "gray":
-        return (mask.float().mean(0, keepdim=True) > 128).float()
+        gray = mask.float().mean(0, keepdim=True)
+        return (gray > (0.5 if float(gray.max()) <= 1 else 128)).float()
     if rule == "refuge_cup":
         if mask.shape[0] >= 3 and bool((mask[0] != mask[1]).any() or (mask[1] != mask[2]).any()):
             return (mask[1:2] == 255).float()

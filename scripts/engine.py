@@ -16,7 +16,8 @@ import re
 import torch
 import torch.nn.functional as F
 from ignite.handlers import ProgressBar as _IgniteProgressBar
-from monai.handlers import CheckpointSaver
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver, from_engine
 from monai.inferers import Inferer
 
 from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
@@ -24,6 +25,7 @@ from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
 __all__ = [
     "sdseg_loss",
     "SDSegTrainStep",
+    "latent_std",
     "AutoencoderTrainStep",
     "ReconstructionInferer",
     "lr_schedule",
@@ -45,18 +47,10 @@ def sdseg_loss(
     """The SDSeg training loss (paper Eq. 3) for one batch; ``t`` and ``noise`` are drawn when omitted.
 
     Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise) and ``loss_latent``
-    (L1 between z~0 of Eq. 2 and z0).
+    (L1 between z~0 of Eq. 2 and z0). It goes through ``model``'s forward (:meth:`SDSeg.training_loss`),
+    so ``model`` may be an SDSeg wrapped in ``DistributedDataParallel``.
     """
-    z0 = model.encode_mask(mask, sample=True)
-    if t is None:
-        t = torch.randint(0, model.num_train_timesteps, (z0.shape[0],), device=z0.device)
-    if noise is None:
-        noise = torch.randn_like(z0)
-    z_t = model.add_noise(z0, noise, t)
-    noise_pred = model.predict_noise(z_t, t, model.encode_image(image))
-    loss_noise = F.l1_loss(noise_pred.float(), noise)
-    loss_latent = F.l1_loss(model.estimate_z0(z_t, t, noise_pred.float()), z0)
-    return {"loss": loss_noise + loss_weight * loss_latent, "loss_noise": loss_noise, "loss_latent": loss_latent}
+    return model(image, mask=mask, loss_weight=loss_weight, t=t, noise=noise)
 
 
 def _autocast(engine):
@@ -74,11 +68,23 @@ def _optimise(engine, loss: torch.Tensor) -> None:
         engine.optimizer.step()
 
 
+def _output(engine, output: dict):
+    """End an iteration as ``SupervisedTrainer``'s own does: the output is ``engine.state.output`` when
+    ``MODEL_COMPLETED`` fires, so MONAI decollates it (``decollate=True``: one dict per item, each with the
+    losses) and the default handler transforms such as ``from_engine(['loss'], first=True)`` apply."""
+    engine.state.output = output
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return engine.state.output
+
+
 class SDSegTrainStep:
     """``iteration_update`` for ``SupervisedTrainer`` training :class:`SDSeg`.
 
     On the first iteration of a model whose ``scale_factor`` is unset (0), it becomes
-    ``1 / std(z)`` of that batch's mask latents (as in LDM/SDSeg), and is saved with the weights.
+    ``1 / std(z)`` of that batch's mask latents (as in LDM/SDSeg), and is saved with the weights;
+    under ``torch.distributed`` the std is that of all ranks' first batches together, so every rank
+    gets the same value. The loss goes through ``engine.network``'s forward, so a
+    ``DistributedDataParallel`` network all-reduces the gradients.
     """
 
     def __init__(self, loss_weight: float = 1.0):
@@ -89,13 +95,22 @@ class SDSegTrainStep:
         model: SDSeg = getattr(engine.network, "module", engine.network)
         if float(model.scale_factor) == 0.0:
             model.scale_factor.fill_(1.0)
-            z = model.encode_mask(mask, sample=True)
-            model.scale_factor.fill_(1.0 / float(z.float().std()))
+            model.scale_factor.fill_(1.0 / latent_std(model.encode_mask(mask, sample=True)))
         engine.network.train()
         with _autocast(engine):
-            losses = sdseg_loss(model, image, mask, self.loss_weight)
+            losses = sdseg_loss(engine.network, image, mask, self.loss_weight)
         _optimise(engine, losses["loss"])
-        return {k: v.detach() for k, v in losses.items()}
+        return _output(engine, {"image": image, "label": mask, **{k: v.detach() for k, v in losses.items()}})
+
+
+def latent_std(z: torch.Tensor) -> float:
+    """The (unbiased) std of ``z``, pooled over all ranks when ``torch.distributed`` is initialised."""
+    z = z.detach().double()
+    stats = torch.stack([z.new_tensor(z.numel()), z.sum(), (z * z).sum()])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    n, total, squares = stats.tolist()
+    return math.sqrt((squares - total * total / n) / (n - 1))
 
 
 class AutoencoderTrainStep:
@@ -115,7 +130,7 @@ class AutoencoderTrainStep:
             kl = kl.sum(dim=tuple(range(1, kl.dim()))).mean()
         loss = rec + self.kl_weight * kl
         _optimise(engine, loss)
-        return {"loss": loss.detach(), "loss_rec": rec.detach(), "loss_kl": kl.detach()}
+        return _output(engine, {"label": mask, "loss": loss.detach(), "loss_rec": rec.detach(), "loss_kl": kl.detach()})
 
 
 class ReconstructionInferer(Inferer):
@@ -173,7 +188,7 @@ class ProgressBar(_IgniteProgressBar):
         self.show_loss = show_loss
 
     def attach(self, engine, *args, **kwargs):
-        transform = (lambda out: {"loss": float(out["loss"])}) if self.show_loss else None
+        transform = (lambda out: {"loss": float(from_engine(["loss"], first=True)(out))}) if self.show_loss else None
         super().attach(engine, output_transform=transform)
 
 

@@ -55,6 +55,8 @@ def test_refuge_mask_rules():
     assert mask_to_target(gray_as_rgb, "refuge_cup").tolist() == [[[1.0, 0.0, 0.0]]]
     jpeg_like = torch.tensor([[[120, 135, 250, 3]]], dtype=torch.uint8)
     assert mask_to_target(jpeg_like, "gray").tolist() == [[[0.0, 1.0, 1.0, 0.0]]]
+    label_map = torch.tensor([[[0, 1, 1, 0]]], dtype=torch.uint8)  # 0/1, as MONAI Label saves labels
+    assert mask_to_target(label_map, "gray").tolist() == [[[0.0, 1.0, 1.0, 0.0]]]
 
 
 def test_splits_are_deterministic_and_match_the_paper_counts():

@@ -1,0 +1,205 @@
+"""Export the single-step segmenter for deployment: ``torch.export`` (``.pt2``) or ONNX (``.onnx``).
+
+    python -m scripts.export --config_file "['configs/inference.yaml','configs/tiny.yaml']" \
+        --format torch_export --output models/sdseg.pt2        # or: --format onnx --output models/sdseg.onnx
+
+The weights come from ``<ckpt_dir>/model.pt`` (``--ckpt_file`` to change); any other ``--key value`` overrides
+the config as in ``python -m monai.bundle run``. The exported program maps an image batch (B, 3, S, S) in
+[-1, 1], S = the config's ``image_size``, to a mask batch (B, 1, S, S) in {0, 1} (``--output_type score``:
+the probability map). The batch size is dynamic; the size is fixed because the noise z_T is part of the
+program: one draw from ``seed``, reused for every image, exactly as ``SDSegInferer`` draws it, so the
+exported program and ``python -m monai.bundle run inference`` give the same masks. TorchScript
+(``torch.jit.script``) cannot compile MONAI's diffusion networks on monai 1.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scripts.io_utils import atomic_path
+
+__all__ = ["SingleStepSegmenter", "build_segmenter", "export_program", "save_program", "save_onnx", "main"]
+
+FORMATS = {"torch_export": ".pt2", "onnx": ".onnx"}
+
+
+class SingleStepSegmenter(nn.Module):
+    """SDSeg's single reverse step as one deterministic module: image (B, 3, S, S) -> mask or score (B, 1, S, S).
+
+    Args:
+        network: a trained :class:`scripts.networks.SDSeg` (``fusion`` concat or crossattn).
+        image_size: the side S of the images it takes (the preset's ``image_size``).
+        seed: seeds z_T, drawn once on the CPU as ``SDSegInferer(seed=seed)`` draws it and kept as a buffer.
+        output: ``"mask"`` (score > ``threshold`` as float 0/1) or ``"score"`` (the probability map).
+        threshold: the mask threshold, 0.5 as in the inference config.
+    """
+
+    def __init__(
+        self, network: nn.Module, image_size: int, seed: int = 0, output: str = "mask", threshold: float = 0.5
+    ):
+        super().__init__()
+        if output not in ("mask", "score"):
+            raise ValueError(f"output must be 'mask' or 'score', got {output!r}")
+        self.network = network.eval()
+        self.image_size, self.seed, self.output, self.threshold = int(image_size), int(seed), output, float(threshold)
+        shape = network.latent_shape(torch.empty(1, 3, self.image_size, self.image_size))
+        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(self.seed))
+        self.register_buffer("noise", noise.to(network.scale_factor.device))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        score = self.network(image, noise=self.noise)
+        return (score > self.threshold).float() if self.output == "mask" else score
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def build_segmenter(
+    config_file: str | list[str],
+    ckpt_file: str | None = None,
+    output: str = "mask",
+    device: str = "cpu",
+    overrides: dict | None = None,
+) -> tuple[SingleStepSegmenter, dict]:
+    """The config's ``network_def`` with the trained weights, wrapped; also returns the settings used."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    ckpt = ckpt_file or os.path.join(parser.get_parsed_content("ckpt_dir"), "model.pt")
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"checkpoint not found: {ckpt} (train first, or pass --ckpt_file)")
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = state.get("model", state)  # CheckpointLoader's {"model": network} or the bare state dict
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"{ckpt}: weights do not fit the configured network (check the preset): {e}") from e
+    image_size, seed = int(parser.get_parsed_content("image_size")), int(parser.get_parsed_content("seed"))
+    model = SingleStepSegmenter(network.to(device), image_size, seed=seed, output=output).to(device)
+    settings = {"checkpoint": str(ckpt), "image_size": image_size, "seed": seed, "output": output}
+    return model, settings
+
+
+def _example(model: SingleStepSegmenter, batch: int = 2) -> torch.Tensor:
+    # batch 2: torch.export specialises sizes 0 and 1, so an example of 1 would fix the batch size
+    size = model.image_size
+    return torch.zeros(batch, 3, size, size, device=model.noise.device)
+
+
+def export_program(model: SingleStepSegmenter, max_batch: int = 1024) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` with a dynamic batch dimension (1 to ``max_batch``)."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        return torch.export.export(model.eval(), (_example(model),), dynamic_shapes={"image": {0: batch}})
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``program`` to ``path`` (``.pt2``) atomically; ``extra`` goes in as ``export.json``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f, extra_files={"export.json": json.dumps(extra or {})})
+    return Path(path)
+
+
+def save_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Convert an exported program to ONNX (``torch.onnx.export(dynamo=True)``) and write it atomically.
+
+    Input ``image``, output ``pred``, dynamic batch. Needs ``onnx`` and ``onnxscript`` (requirements-dev.txt).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxscript (pip install -r requirements-dev.txt): {e}") from e
+    onnx_program = torch.onnx.export(program, dynamo=True, output_names=["pred"], verbose=False)
+    for key, value in (extra or {}).items():
+        onnx_program.model.metadata_props[key] = str(value)
+    with atomic_path(path) as tmp:
+        onnx_program.save(str(tmp), external_data=False)  # one file (fine below ONNX's 2 GB limit)
+    return Path(path)
+
+
+def _check(model: SingleStepSegmenter, path: Path, fmt: str) -> str:
+    """Eager vs the written file on a random batch of 3: largest difference, differing pixels, time per batch."""
+    x = torch.rand(3, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = x.to(model.noise.device)
+    if fmt == "torch_export":
+        run = torch.export.load(str(path)).module()
+    else:
+        try:
+            import onnxruntime
+        except ImportError:
+            return "onnxruntime not installed: the ONNX file was not checked"
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(image):
+            return torch.as_tensor(session.run(["pred"], {"image": image.cpu().numpy()})[0])
+
+    outputs, times = [], []
+    with torch.no_grad():
+        for f in (model, run):
+            f(x)  # warm-up
+            t0 = time.perf_counter()
+            outputs.append(f(x).to(x.device))
+            times.append(time.perf_counter() - t0)
+    ref, out = outputs
+    diff = (out - ref).abs()
+    return (
+        f"exported vs eager on a random batch of 3: max difference {diff.max().item():.3g}, "
+        f"{int((diff > 0).sum())} pixels differ; {times[0]:.3f} s eager, {times[1]:.3f} s exported"
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.export",
+        description="Export SDSeg's single-step segmenter (image batch -> mask batch) with torch.export or to ONNX. "
+        "Extra --key value pairs override the config, as in `python -m monai.bundle run`.",
+    )
+    p.add_argument(
+        "--config_file", default="configs/inference.yaml", help="a config, or a list: \"['a.yaml','b.yaml']\""
+    )
+    p.add_argument("--format", choices=sorted(FORMATS), default="torch_export")
+    p.add_argument("--output", default=None, help="default: sdseg.pt2 or sdseg.onnx next to the checkpoint")
+    p.add_argument("--ckpt_file", default=None, help="default: <ckpt_dir>/model.pt")
+    p.add_argument("--output_type", choices=["mask", "score"], default="mask")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip_check", action="store_true", help="do not compare the exported model with eager")
+    args, rest = p.parse_known_args(argv)
+    if len(rest) % 2 or not all(k.startswith("--") for k in rest[::2]):
+        p.error(f"config overrides must be --key value pairs, got {rest}")
+    overrides = {k[2:]: _parse_value(v) for k, v in zip(rest[::2], rest[1::2])}
+    config_file = _parse_value(args.config_file) if args.config_file.startswith("[") else args.config_file
+
+    model, settings = build_segmenter(config_file, args.ckpt_file, args.output_type, args.device, overrides)
+    out = Path(args.output or Path(settings["checkpoint"]).parent / f"sdseg{FORMATS[args.format]}")
+    t0 = time.perf_counter()
+    program = export_program(model)
+    extra = dict(settings, format=args.format, input="image (B, 3, S, S) in [-1, 1]")
+    if args.format == "torch_export":
+        save_program(program, out, extra)
+    else:
+        save_onnx(program, out, extra)
+    print(f"wrote {out} ({args.format}, {args.output_type}, {time.perf_counter() - t0:.1f} s)")
+    if not args.skip_check:
+        print(_check(model, out, args.format))
+    return out
+
+
+if __name__ == "__main__":
+    main()
