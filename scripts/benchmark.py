@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from scripts.demo_data import write_demo_datasets
@@ -37,24 +38,40 @@ def _parser(files: list[str], **overrides) -> ConfigParser:
     return parser
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def run(preset: str, batch: int, repeats: int, device: torch.device, n_images: int) -> dict:
+def run(
+    preset: str,
+    batch: int,
+    repeats: int,
+    device: torch.device,
+    n_images: int,
+    amp_dtype: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    workers: int = 2,
+) -> dict:
+    """Every figure of the benchmark; ``amp_dtype`` (``bfloat16``/``float16``) runs the mask decoder under
+    autocast as the inference config's ``amp`` does; ``channels_last``/``compile`` are the sampler's switches."""
     preset_file = f"{preset}.yaml"
+    fast = {"channels_last": channels_last, "compile": compile}
     parser = _parser(["train.yaml", preset_file], autoencoder_path=None)
     parser["network_def"]["autoencoder_path"] = None
     size = parser.get_parsed_content("image_size")
@@ -62,7 +79,14 @@ def run(preset: str, batch: int, repeats: int, device: torch.device, n_images: i
     model = parser.get_parsed_content("network_def").to(device).eval()
     model.scale_factor.fill_(1.0)
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    res: dict = {"preset": preset, "image_size": size, "batch": batch, "device": str(device)}
+    res: dict = {"preset": preset, "image_size": size, "batch": batch, "device": str(device), **fast}
+
+    def autocast():  # what the inference config's `amp` does: the mask decoder in amp_dtype (scripts/sampler.py)
+        return torch.autocast(device.type, dtype=getattr(torch, amp_dtype or "float32"), enabled=bool(amp_dtype))
+
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
 
     with torch.inference_mode():
         z_c = model.encode_image(images)
@@ -70,14 +94,16 @@ def run(preset: str, batch: int, repeats: int, device: torch.device, n_images: i
         stage = {
             "encode": _timed(lambda: model.encode_image(images), device, repeats),
             "unet": _timed(lambda: model.predict_noise(torch.randn_like(z_c), t, z_c), device, repeats),
-            "decode": _timed(lambda: model.decode_score(z_c), device, repeats),
         }
+        with autocast():
+            stage["decode"] = _timed(lambda: model.decode_score(z_c), device, repeats)
     res["stage_ms_per_slice"] = {k: 1000 * v / batch for k, v in stage.items()}
     e, u, d = (stage[k] / batch for k in ("encode", "unet", "decode"))
 
     def throughput(steps: int, samples: int, imgs: torch.Tensor) -> float:
-        inferer = SDSegInferer(num_steps=steps, num_samples=samples, seed=0)
-        return imgs.shape[0] / _timed(lambda: inferer(imgs, model), device, max(1, repeats // 2))
+        inferer = SDSegInferer(num_steps=steps, num_samples=samples, seed=0, **fast)
+        with autocast():
+            return imgs.shape[0] / _timed(lambda: inferer(imgs, model), device, max(1, repeats // 2))
 
     res["single_step_slices_per_s"] = throughput(1, 1, images)
     res["ddim10_slices_per_s"] = throughput(10, 1, images)
@@ -90,7 +116,7 @@ def run(preset: str, batch: int, repeats: int, device: torch.device, n_images: i
         "measured": res["single_step_slices_per_s"] / res["ddim50x25_slices_per_s"],
         "ideal": (e + 50 * 25 * u + 25 * d) / (e + u + d),
     }
-    res["end_to_end"] = end_to_end(preset_file, model, batch, device, n_images)
+    res["end_to_end"] = end_to_end(preset_file, model, batch, device, n_images, amp_dtype, fast, workers)
     res["end_to_end"]["ratio_to_bare"] = res["end_to_end"]["slices_per_s"] / res["single_step_slices_per_s"]
     res["training"] = training_step(parser, device)
     res["machine"] = {
@@ -98,14 +124,21 @@ def run(preset: str, batch: int, repeats: int, device: torch.device, n_images: i
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "precision": "float32",
+        "precision": f"{amp_dtype} autocast (mask decoder)" if amp_dtype else "float32",
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     return res
 
 
-def end_to_end(preset_file: str, model, batch: int, device: torch.device, n_images: int) -> dict:
-    """The real inference workflow (configs/inference.yaml) on demo images, weights from ``model``."""
+def end_to_end(
+    preset_file: str, model, batch: int, device: torch.device, n_images: int, amp_dtype, fast: dict, workers: int
+) -> dict:
+    """The real inference workflow (configs/inference.yaml) on demo images, weights from ``model``.
+
+    ``slices_per_s`` is the steady-state rate, from the end of the first batch to the end of the run
+    (reading, preprocessing in ``workers`` processes, networks, inversion to the input size, PNG writing);
+    ``startup_seconds`` is the once-per-run cost before it (checkpoint loading, worker start, first batch).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_demo_datasets(tmp / "demo", n=n_images, seed=0)
@@ -118,14 +151,37 @@ def end_to_end(preset_file: str, model, batch: int, device: torch.device, n_imag
             output_dir=str(tmp / "out"),
             batch_size=batch,
             device=str(device),
-            num_workers=2,
+            num_workers=workers,
+            amp=bool(amp_dtype),
+            amp_dtype=amp_dtype or "bfloat16",
+            **fast,
         )
         parser["handlers"] = parser["handlers"][:1]  # no progress bar in the timing
         evaluator = parser.get_parsed_content("evaluator")
+        marks: dict = {}
+
+        @evaluator.on(Events.ITERATION_COMPLETED(once=1))
+        def _first_batch(_):
+            _sync(device)
+            marks["first"] = time.perf_counter()
+
         evaluator.run()  # warm-up (also fills the file cache)
-        seconds = _timed(evaluator.run, device, repeats=2, warmup=0)
+        _sync(device)
+        start = time.perf_counter()
+        evaluator.run()
+        _sync(device)
+        end = time.perf_counter()
         written = len(list((tmp / "out").glob("*.png")))
-    return {"images": n_images, "masks_written": written, "seconds": seconds, "slices_per_s": n_images / seconds}
+    steady = (n_images - min(batch, n_images)) / max(end - marks["first"], 1e-9)
+    return {
+        "images": n_images,
+        "masks_written": written,
+        "workers": workers,
+        "seconds": end - start,
+        "startup_seconds": marks["first"] - start,
+        "slices_per_s": steady,
+        "whole_run_slices_per_s": n_images / (end - start),
+    }
 
 
 def training_step(parser: ConfigParser, device: torch.device, batch: int = 4) -> dict:
@@ -160,11 +216,13 @@ def report(res: dict) -> str:
     s, t, e2e = res["stage_ms_per_slice"], res["training"], res["end_to_end"]
     lines = [
         f"SDSeg benchmark: preset {res['preset']} ({res['image_size']} px), batch {res['batch']}, {res['device']}, "
-        f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, float32",
+        f"torch {res['machine']['torch']}, {res['machine']['threads']} threads, {res['machine']['precision']}, "
+        f"channels_last {res['channels_last']}, compile {res['compile']}",
         f"  stage time per slice: encode {s['encode']:.2f} ms, U-Net {s['unet']:.2f} ms, decode {s['decode']:.2f} ms",
         f"  single step (bare networks): {res['single_step_slices_per_s']:.1f} slices/s",
         f"  end-to-end inference workflow: {e2e['slices_per_s']:.1f} slices/s "
-        f"({e2e['images']} images) = {e2e['ratio_to_bare']:.2f} x bare",
+        f"({e2e['images']} images, {e2e['workers']} workers) = {e2e['ratio_to_bare']:.2f} x bare; whole run "
+        f"{e2e['seconds']:.2f} s incl. {e2e['startup_seconds']:.2f} s start-up",
         f"  DDIM-10: {res['ddim10_slices_per_s']:.2f} slices/s; single-step speed-up "
         f"{res['speedup_vs_ddim10']['measured']:.2f} x (ideal {res['speedup_vs_ddim10']['ideal']:.2f} x, "
         f"{res['speedup_vs_ddim10']['measured'] / res['speedup_vs_ddim10']['ideal']:.2f} of ideal)",
@@ -181,11 +239,25 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--images", type=int, default=48, help="demo images for the end-to-end figure")
+    parser.add_argument("--images", type=int, default=96, help="demo images for the end-to-end figure")
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes of the end-to-end workflow")
+    parser.add_argument("--amp", choices=["bfloat16", "float16"], help="mask decoder under autocast (CUDA)")
+    parser.add_argument("--channels_last", action="store_true", help="channels-last convolutions")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the three networks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="eval/benchmark.json")
     args = parser.parse_args()
-    res = run(args.preset, args.batch, args.repeats, torch.device(args.device), args.images)
+    res = run(
+        args.preset,
+        args.batch,
+        args.repeats,
+        torch.device(args.device),
+        args.images,
+        args.amp,
+        args.channels_last,
+        args.compile,
+        args.workers,
+    )
     print(report(res))
     atomic_write_json(args.out, res)
     print(f"-> {args.out}")

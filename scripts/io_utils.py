@@ -26,6 +26,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files are for other users and tools too
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,5 +67,6 @@ class SaveMaskd(MapTransform):
             value = torch.as_tensor(d[key]).detach().float().cpu().numpy()
             if value.ndim != 3 or value.shape[0] != 1:
                 raise ValueError(f"{key} for {name}: expected a (1, H, W) map, got shape {value.shape}")
-            atomic_save_image(self.output_dir / f"{name}.png", np.round(value[0].clip(0, 1) * 255).astype(np.uint8))
+            mask = np.round(value[0].clip(0, 1) * 255).astype(np.uint8)
+            atomic_save_image(self.output_dir / f"{name}.png", mask, compress_level=1)  # fast; PNG stays lossless
         return d

@@ -9,12 +9,15 @@ module only wires them together and holds the diffusion algebra (Eq. 1 and Eq. 2
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["SDSeg", "VisionEncoder", "load_autoencoder", "mask_to_ae_input", "ae_output_to_score"]
 
@@ -30,20 +33,19 @@ def ae_output_to_score(x: torch.Tensor) -> torch.Tensor:
 
 
 def load_autoencoder(autoencoder: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
-    """Load mask-autoencoder weights saved by the autoencoder stage (a state dict) into ``autoencoder``."""
-    if not os.path.isfile(path):
+    """Load mask-autoencoder weights into ``autoencoder``: the autoencoder stage's state dict, a file converted by
+    ``python -m scripts.weights convert``, or pretrained kl-f8 / SD VAE weights (CompVis ``.ckpt``, diffusers
+    ``.safetensors`` / ``.bin`` or model folder), which need ``autoencoder_layout: ldm`` (see scripts/weights.py)."""
+    from scripts.weights import load_kl_weights
+
+    if not os.path.exists(path):
         raise FileNotFoundError(
             f"mask autoencoder weights not found: {path}. Train them first "
-            "(python -m monai.bundle run training --config_file configs/train_autoencoder.yaml ...) "
-            "or point autoencoder_path at a converted kl-f8 checkpoint."
+            "(python -m monai.bundle run training --config_file configs/train_autoencoder.yaml ...) or, for the "
+            "paper preset, download LDM kl-f8 (https://ommer-lab.com/files/latent-diffusion/kl-f8.zip, model.ckpt) "
+            "or the SD VAE (stabilityai/sd-vae-ft-mse) and point autoencoder_path at it."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("autoencoder", state)
-    try:
-        autoencoder.load_state_dict(state)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path}: weights do not fit the configured autoencoder (check the preset): {e}") from e
-    return autoencoder
+    return load_kl_weights(path, autoencoder)
 
 
 class VisionEncoder(nn.Module):
@@ -52,10 +54,18 @@ class VisionEncoder(nn.Module):
     def __init__(self, encoder: nn.Module, latent_channels: int):
         super().__init__()
         self.encoder = encoder
-        self.out = nn.Conv2d(latent_channels, latent_channels, kernel_size=1)
+        self.out = nn.Conv2d(getattr(encoder, "out_channels", latent_channels), latent_channels, kernel_size=1)
+
+    gradient_checkpointing = False  # SDSeg(gradient_checkpointing=True) sets it: recompute each block in backward
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.out(self.encoder(image))
+        blocks = getattr(self.encoder, "blocks", None)  # MONAI's Encoder.forward runs its blocks in turn
+        if not (self.gradient_checkpointing and torch.is_grad_enabled() and blocks is not None):
+            return self.out(self.encoder(image))
+        x = image
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return self.out(x)
 
 
 class SDSeg(nn.Module):
@@ -75,6 +85,9 @@ class SDSeg(nn.Module):
         fusion: how z_c reaches the U-Net: ``"concat"`` (SDSeg: channel concatenation at the input) or
             ``"crossattn"`` (ablation baseline, paper Table 6: z_c flattened to h*w tokens of ``latent_channels``
             features, fed to the U-Net's cross-attention as context).
+        gradient_checkpointing: recompute activations in the backward pass instead of keeping them (each block
+            of the vision encoder, the U-Net as a whole): less memory for the paper preset at batch 4 on a
+            16 GB GPU, at the cost of a second forward pass. Same gradients.
     """
 
     def __init__(
@@ -86,6 +99,7 @@ class SDSeg(nn.Module):
         trainable_encoder: bool = True,
         scale_factor: float = 0.0,
         fusion: str = "concat",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if fusion not in ("concat", "crossattn"):
@@ -112,6 +126,7 @@ class SDSeg(nn.Module):
         self.unet = unet
         self.vision_encoder = VisionEncoder(copy.deepcopy(autoencoder.encoder), latent_channels)
         self.vision_encoder.requires_grad_(trainable_encoder)
+        self.vision_encoder.gradient_checkpointing = self.gradient_checkpointing = bool(gradient_checkpointing)
         self.scheduler = scheduler
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
@@ -139,9 +154,12 @@ class SDSeg(nn.Module):
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
         """n~ = f(z_t; z_c): the U-Net on the channel concatenation, z_t first (or z_c as cross-attention tokens)."""
+        unet = self.unet
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            unet = functools.partial(checkpoint, self.unet, use_reentrant=False)
         if self.fusion == "crossattn":
-            return self.unet(z_t, timesteps=t, context=z_c.flatten(2).transpose(1, 2))
-        return self.unet(torch.cat([z_t, z_c], dim=1), timesteps=t)
+            return unet(z_t, timesteps=t, context=z_c.flatten(2).transpose(1, 2))
+        return unet(torch.cat([z_t, z_c], dim=1), timesteps=t)
 
     def decode_score(self, z0: torch.Tensor) -> torch.Tensor:
         """Probability map (B, 1, H, W) from D(z0 / scale_factor)."""
@@ -165,11 +183,49 @@ class SDSeg(nn.Module):
         factor = 2 ** (len(self.autoencoder.encoder.channels) - 1)
         return (self.autoencoder.latent_channels, image.shape[-2] // factor, image.shape[-1] // factor)
 
-    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def training_loss(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        loss_weight: float = 1.0,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The SDSeg training loss (paper Eq. 3) for one batch; ``t`` and ``noise`` are drawn when omitted.
+
+        Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise) and ``loss_latent``
+        (L1 between z~0 of Eq. 2 and z0).
+        """
+        z0 = self.encode_mask(mask, sample=True)
+        if t is None:
+            t = torch.randint(0, self.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        if noise is None:
+            noise = torch.randn_like(z0)
+        z_t = self.add_noise(z0, noise, t)
+        noise_pred = self.predict_noise(z_t, t, self.encode_image(image))
+        loss_noise = F.l1_loss(noise_pred.float(), noise)
+        loss_latent = F.l1_loss(self.estimate_z0(z_t, t, noise_pred.float()), z0)
+        return {"loss": loss_noise + loss_weight * loss_latent, "loss_noise": loss_noise, "loss_latent": loss_latent}
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        loss_weight: float = 1.0,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Single-step segmentation: image (B, 3, H, W) in [-1, 1] -> probability map (B, 1, H, W).
 
         ``noise`` (B or 1, 4, h, w) is z_T; a fresh standard normal draw when omitted.
+        With a ``mask`` (B, 1, H, W) it is the training iteration instead: :meth:`training_loss` (``noise``
+        is then the noise added to z0, ``t`` the time steps). Training goes through ``forward`` so that a
+        ``DistributedDataParallel`` wrapper, which synchronises gradients only for its own forward, sees it.
         """
+        if mask is not None:
+            return self.training_loss(image, mask, loss_weight, t=t, noise=noise)
+        if t is not None:
+            raise ValueError("t is for the training loss (with a mask); segmentation always starts at t = T - 1")
         z_c = self.encode_image(image)
         if noise is None:
             noise = torch.randn_like(z_c)

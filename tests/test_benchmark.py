@@ -11,7 +11,7 @@ from conftest import ROOT
 def test_benchmark_tiny_writes_complete_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "scripts.benchmark", "--preset", "tiny", "--batch", "2", "--repeats", "1"]
-    cmd += ["--images", "4", "--device", "cpu", "--out", str(out)]
+    cmd += ["--images", "4", "--device", "cpu", "--out", str(out), "--channels_last", "--amp", "bfloat16"]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -21,6 +21,8 @@ def test_benchmark_tiny_writes_complete_json(tmp_path):
         assert res[key] > 0, key
     assert res["single_step_slices_per_s"] > res["ddim10_slices_per_s"] > res["ddim50x25_slices_per_s"]
     assert res["end_to_end"]["masks_written"] == 4 and res["end_to_end"]["ratio_to_bare"] > 0
+    assert res["end_to_end"]["seconds"] > res["end_to_end"]["startup_seconds"] > 0
+    assert res["channels_last"] is True and res["machine"]["precision"].startswith("bfloat16")
     assert res["speedup_vs_ddim10"]["ideal"] > 1 and res["training"]["seconds_per_step"] > 0
     assert res["training"]["peak_rss_mb"] > 0 and res["machine"]["torch"]
     assert "single step (bare networks)" in proc.stdout
