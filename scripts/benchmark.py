@@ -22,7 +22,6 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from scripts.demo_data import write_demo_datasets
-from scripts.engine import sdseg_loss
 from scripts.io_utils import atomic_write_json
 from scripts.sampler import SDSegInferer
 
@@ -201,7 +200,7 @@ def training_step(parser: ConfigParser, device: torch.device, batch: int = 4) ->
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        loss = sdseg_loss(model, image, mask)["loss"]
+        loss = model(image, mask=mask)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -23,7 +23,6 @@ from monai.inferers import Inferer
 from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
 
 __all__ = [
-    "sdseg_loss",
     "SDSegTrainStep",
     "latent_std",
     "AutoencoderTrainStep",
@@ -34,23 +33,6 @@ __all__ = [
     "ProgressBar",
     "latest_checkpoint",
 ]
-
-
-def sdseg_loss(
-    model: SDSeg,
-    image: torch.Tensor,
-    mask: torch.Tensor,
-    loss_weight: float = 1.0,
-    t: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The SDSeg training loss (paper Eq. 3) for one batch; ``t`` and ``noise`` are drawn when omitted.
-
-    Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise) and ``loss_latent``
-    (L1 between z~0 of Eq. 2 and z0). It goes through ``model``'s forward (:meth:`SDSeg.training_loss`),
-    so ``model`` may be an SDSeg wrapped in ``DistributedDataParallel``.
-    """
-    return model(image, mask=mask, loss_weight=loss_weight, t=t, noise=noise)
 
 
 def _autocast(engine):
@@ -98,7 +80,7 @@ class SDSegTrainStep:
             model.scale_factor.fill_(1.0 / latent_std(model.encode_mask(mask, sample=True)))
         engine.network.train()
         with _autocast(engine):
-            losses = sdseg_loss(engine.network, image, mask, self.loss_weight)
+            losses = engine.network(image, mask=mask, loss_weight=self.loss_weight)  # forward: DDP syncs
         _optimise(engine, losses["loss"])
         return _output(engine, {"image": image, "label": mask, **{k: v.detach() for k, v in losses.items()}})
 

@@ -10,8 +10,6 @@ import torch
 from conftest import ROOT, build_tiny_sdseg, run_bundle
 from PIL import Image
 
-from scripts.engine import sdseg_loss
-
 AE = ["train.yaml", "train_autoencoder.yaml", "tiny.yaml"]
 TRAIN = ["train.yaml", "tiny.yaml"]
 INFER = ["inference.yaml", "tiny.yaml"]
@@ -32,13 +30,13 @@ def test_short_training_lowers_the_loss(demo_root):
     def fixed_loss():
         torch.manual_seed(0)
         with torch.no_grad():
-            return float(sdseg_loss(model, image, mask, 1.0, t=t, noise=noise)["loss"])
+            return float(model(image, mask=mask, t=t, noise=noise)["loss"])
 
     before = fixed_loss()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     torch.manual_seed(1)
     for _ in range(60):
-        loss = sdseg_loss(model, image, mask, 1.0)["loss"]
+        loss = model(image, mask=mask)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -18,7 +18,6 @@ from monai.networks.nets.diffusion_model_unet import SpatialTransformer
 from PIL import Image
 from torch import nn
 
-from scripts.engine import sdseg_loss
 from scripts.evaluation import (
     OutputCollector,
     StabilityAccumulator,
@@ -233,7 +232,7 @@ def test_ablation_overlay_builds_the_expected_model(overlay):
     net.scale_factor.fill_(1.0)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     image, mask = torch.rand(2, 3, 64, 64) * 2 - 1, (torch.rand(2, 1, 64, 64) > 0.5).float()
-    loss = sdseg_loss(net, image, mask, weight)["loss"]
+    loss = net(image, mask=mask, loss_weight=weight)["loss"]
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import build_tiny_sdseg
 from monai.engines import SupervisedTrainer
 
-from scripts.engine import SDSegTrainStep, sdseg_loss
+from scripts.engine import SDSegTrainStep
 from scripts.networks import mask_to_ae_input
 
 
@@ -69,7 +69,7 @@ def test_loss_matches_hand_computation(model, loss_weight):
     t = torch.tensor([3, 999])
     noise = torch.randn(2, 4, 8, 8)
     torch.manual_seed(7)  # the posterior sample inside encode_mask
-    out = sdseg_loss(model, image, mask, loss_weight, t=t, noise=noise)
+    out = model(image, mask=mask, loss_weight=loss_weight, t=t, noise=noise)
 
     torch.manual_seed(7)
     with torch.no_grad():
