@@ -25,4 +25,5 @@ def test_benchmark_tiny_writes_complete_json(tmp_path):
     assert res["channels_last"] is True and res["machine"]["precision"].startswith("bfloat16")
     assert res["speedup_vs_ddim10"]["ideal"] > 1 and res["training"]["seconds_per_step"] > 0
     assert res["training"]["peak_rss_mb"] > 0 and res["machine"]["torch"]
+    assert 0 < res["training"]["seconds_per_step_latent_cache"]
     assert "single step (bare networks)" in proc.stdout

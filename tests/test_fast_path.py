@@ -158,3 +158,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and any(n.startswith("vision_encoder") for n in grads[0])
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_latent_cache_skips_the_autoencoder_for_masks_seen_before():
+    """``latent_cache=True``: masks seen before (bytes equal) are not encoded again; the posterior sample is
+    still fresh, so losses equal the uncached model's for the same random stream."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand((3, 3, 64, 64), generator=gen) * 2 - 1
+    mask = (torch.rand((3, 1, 64, 64), generator=gen) > 0.5).float()
+    t, noise = torch.tensor([5, 500, 999]), torch.randn((3, 4, 8, 8), generator=gen)
+    plain, cached = (build_tiny_sdseg(seed=2, latent_cache=c).train() for c in (False, True))
+    encoded = []
+    cached.autoencoder.encoder.register_forward_hook(lambda _m, inputs, _o: encoded.append(inputs[0].shape[0]))
+    for model in (plain, cached):
+        model.scale_factor.fill_(0.8)
+    batches = [mask, mask, torch.cat([mask[:1], mask[1:].flip(-1)])]  # new, all seen, two flipped ones new
+    for batch in batches:
+        torch.manual_seed(1)
+        want = plain(image, mask=batch, t=t, noise=noise)["loss"]
+        torch.manual_seed(1)
+        got = cached(image, mask=batch, t=t, noise=noise)["loss"]
+        assert torch.allclose(got, want, atol=1e-6)
+    assert encoded == [3, 2]  # the first batch, then only the two flipped masks
+    assert len(cached.latent_cache) == 5
