@@ -21,20 +21,10 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from scripts.bundle_config import parse_configs
 from scripts.demo_data import write_demo_datasets
 from scripts.io_utils import atomic_write_json
 from scripts.sampler import SDSegInferer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _parser(files: list[str], **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in files])
-    parser["bundle_root"] = str(ROOT)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
 
 
 def _sync(device: torch.device) -> None:
@@ -73,7 +63,7 @@ def run(
     preset_file = f"{preset}.yaml"
     fast = {"channels_last": channels_last, "compile": compile}
     size_override = {"image_size": image_size} if image_size else {}
-    parser = _parser(["train.yaml", preset_file], autoencoder_path=None, **size_override)
+    parser = parse_configs(["train.yaml", preset_file], autoencoder_path=None, **size_override)
     parser["network_def"]["autoencoder_path"] = None
     size = parser.get_parsed_content("image_size")
     torch.manual_seed(0)
@@ -165,7 +155,7 @@ def end_to_end(
         write_demo_datasets(tmp / "demo", n=n_images, seed=0)
         (tmp / "models").mkdir()
         torch.save(model.state_dict(), tmp / "models" / "model.pt")
-        parser = _parser(
+        parser = parse_configs(
             ["inference.yaml", preset_file],
             ckpt_dir=str(tmp / "models"),
             input_dir=str(tmp / "demo" / "cvc" / "Original"),

@@ -52,6 +52,7 @@ from monai.transforms import (
 )
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, convert_to_dst_type
 
+from scripts.bundle_config import CONFIGS, parse_configs
 from scripts.data import DatasetError, _natural_key
 from scripts.io_utils import atomic_path, atomic_write_json
 
@@ -74,7 +75,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = {  # image folder, label folder, name prefixes to strip, largest label, default split file, HU window
     "btcv": {
         "images": "img",
@@ -538,17 +538,15 @@ def benchmark(
     """Slices/s of the bare networks (``SDSegInferer`` on ready slice batches) vs volume inference of the
     same volumes: the volume chain, :class:`VolumeInferer`, ``Invertd`` to the input grid and threshold
     (no file writing), and the same without loading (``VolumeInferer`` on preprocessed volumes)."""
-    from monai.bundle import ConfigParser
     from monai.transforms import AsDiscreted, Invertd
 
     from scripts.sampler import SDSegInferer
 
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / f"{preset}.yaml")])
+    parser = parse_configs(["train.yaml", f"{preset}.yaml"])
     parser["network_def"]["autoencoder_path"] = None
     net = parser.get_parsed_content("network_def").eval()
     net.scale_factor.fill_(1.0)
-    image_size, window = parser["image_size"], {"btcv": (-175, 250), "sts3d": (-100, 1100)}[dataset]
+    image_size, window = parser["image_size"], DATASETS[dataset]["window"]
     items = make_datalist(dataset, dataset_dir, "all")
     pre = volume_transforms(dataset, window, image_size, resample_label=False)
     post = Compose([Invertd("pred", pre, orig_keys="image", nearest_interp=False), AsDiscreted("pred", threshold=0.5)])

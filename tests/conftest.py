@@ -11,17 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def parse_configs(files: list[str], **overrides) -> ConfigParser:
-    """The bundle's configs ``files`` (names under configs/, merged in order) with ``overrides`` set."""
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in files])
-    parser["bundle_root"] = str(ROOT)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+from scripts.bundle_config import ROOT, parse_configs
 
 
 def tiny_parser(**overrides) -> ConfigParser:
