@@ -67,10 +67,22 @@ class SDSegTrainStep:
     under ``torch.distributed`` the std is that of all ranks' first batches together, so every rank
     gets the same value. The loss goes through ``engine.network``'s forward, so a
     ``DistributedDataParallel`` network all-reduces the gradients.
+
+    Time steps are uniform on {0, ..., T-1} (the paper), except that a share ``final_step_share`` of each
+    batch (rounded) is put at t = T-1, where the single reverse step is taken: more training signal where
+    inference lives.
     """
 
-    def __init__(self, loss_weight: float = 1.0):
-        self.loss_weight = float(loss_weight)
+    def __init__(self, loss_weight: float = 1.0, final_step_share: float = 0.0):
+        if not 0.0 <= final_step_share <= 1.0:
+            raise ValueError(f"final_step_share must be in [0, 1], got {final_step_share}")
+        self.loss_weight, self.final_step_share = float(loss_weight), float(final_step_share)
+
+    def timesteps(self, batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
+        """t for one batch: uniform, with the first ``round(final_step_share * B)`` entries at T-1."""
+        t = torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+        t[: round(self.final_step_share * batch_size)] = num_train_timesteps - 1
+        return t
 
     def __call__(self, engine, batchdata: dict) -> dict:
         image, mask = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
@@ -80,7 +92,8 @@ class SDSegTrainStep:
             model.scale_factor.fill_(1.0 / latent_std(model.encode_mask(mask, sample=True)))
         engine.network.train()
         with _autocast(engine):
-            losses = engine.network(image, mask=mask, loss_weight=self.loss_weight)  # forward: DDP syncs
+            t = self.timesteps(image.shape[0], model.num_train_timesteps, image.device)
+            losses = engine.network(image, mask=mask, t=t, loss_weight=self.loss_weight)  # forward: DDP syncs
         _optimise(engine, losses["loss"])
         return _output(engine, {"image": image, "label": mask, **{k: v.detach() for k, v in losses.items()}})
 
