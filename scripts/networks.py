@@ -84,7 +84,8 @@ class SDSeg(nn.Module):
             convolution zero-padded from 4 to 8 input channels (``scripts.weights.load_unet_weights``).
         trainable_encoder: ``False`` freezes the vision encoder (ablation, paper Table 6).
         scale_factor: latent scale; ``0`` means "not set yet": the trainer sets ``1 / std(z)`` from the
-            first training batch of mask latents. Saved with the weights.
+            mask latents of 64 training masks before the first step (``scripts.engine.SDSegTrainStep``). Saved with
+            the weights.
         fusion: how z_c reaches the U-Net: ``"concat"`` (SDSeg: channel concatenation at the input) or
             ``"crossattn"`` (ablation baseline, paper Table 6: z_c flattened to h*w tokens of ``latent_channels``
             features, fed to the U-Net's cross-attention as context).
