@@ -10,6 +10,8 @@ LDM / diffusers U-Net load through ``scripts.weights.load_unet_weights``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
@@ -82,11 +84,8 @@ class LDMUNet(DiffusionModelUNet):
 
     def __init__(self, *args, scale_shift_norm: bool = True, dropout: float = 0.0, norm_eps: float = 1e-5, **kwargs):
         super().__init__(*args, norm_eps=norm_eps, **kwargs)
-        for module in list(self.modules()):
+        ldm_block = functools.partial(ScaleShiftResnetBlock.like, scale_shift_norm=scale_shift_norm, dropout=dropout)
+        for module in list(self.modules()):  # swap every plain res block (levels, up/down-samplers, mid block)
             for name, child in module.named_children():
                 if type(child) is DiffusionUNetResnetBlock:
-                    setattr(
-                        module,
-                        name,
-                        ScaleShiftResnetBlock.like(child, scale_shift_norm=scale_shift_norm, dropout=dropout),
-                    )
+                    setattr(module, name, ldm_block(child))
