@@ -593,6 +593,8 @@ def convert_unet_state_dict(
         if ".attn.qkv_ldm." in key:
             prefix, param = key.split("attn.qkv_ldm.")
             heads = num_heads if isinstance(num_heads, int) else num_heads.get(prefix, 8)
+            if value.shape[0] % (3 * heads):
+                raise ValueError(f"{key}: {value.shape[0]} channels do not split into q, k, v of {heads} heads")
             q, k, v = value.reshape(heads, 3, value.shape[0] // (3 * heads), *value.shape[1:]).unbind(1)
             for name, part in zip("qkv", (q, k, v)):
                 out[f"{prefix}attn.to_{name}.{param}"] = part.reshape(-1, *value.shape[1:])
