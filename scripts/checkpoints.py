@@ -166,9 +166,7 @@ def weights_mismatch(module: torch.nn.Module, state: dict, path: str | os.PathLi
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [
-        k for k in own if k in state and torch.is_tensor(own[k]) and tuple(own[k].shape) != tuple(state[k].shape)
-    ]
+    shapes = [k for k in own if k in state and torch.is_tensor(own[k]) and tuple(own[k].shape) != tuple(state[k].shape)]
     if not (missing or unexpected or shapes):
         return None
     head = (

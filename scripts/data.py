@@ -11,11 +11,13 @@ and how the splits are drawn.
 | ``refuge2`` | ``images/*.png``              | ``masks/*.png``             | cup: RGB -> G == 255; gray -> < 64 |
 
 Splits (sorted names, so they never depend on the file system's listing order): the last
-``test_fraction`` of the files is the test split (REFUGE2: the ``T*`` files, as released), and
-the last ``val_fraction`` (of all files) of what remains is the validation split used for model
-selection; the rest trains. Fractions are rounded up. For the real CVC-ClinicDB (612 images) the
-defaults give 488 / 62 / 62 and for Kvasir-SEG (1000) 800 / 100 / 100, the paper's training and test
-counts. A JSON ``split_file`` ``{"train": [names], "val": [...], "test": [...]}`` overrides the rule.
+``test_fraction`` of the files is the test split, and the last ``val_fraction`` (of all files) of what
+remains is the validation split used for model selection; the rest trains. Fractions are rounded up.
+For the real CVC-ClinicDB (612 images) the defaults give 488 / 62 / 62 and for Kvasir-SEG (1000)
+800 / 100 / 100, the paper's training and test counts. REFUGE2: the ``T*`` files are the test split, as
+released, and ``val_fraction`` of the other files validates, stratified by the released name prefixes
+(``g`` glaucoma, ``n`` normal, anything else one more group): 720 / 80 / 400 for the 1,200 released images.
+A JSON ``split_file`` ``{"train": [names], "val": [...], "test": [...]}`` overrides the rule.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def split_names(
     if dataset == "refuge2":
         test = [n for n in names if n.startswith("T")]
         rest = [n for n in names if not n.startswith("T")]
+        groups: dict[str, list[str]] = {}
+        for n in rest:  # stratified by the g / n prefixes, the last val_fraction of each
+            groups.setdefault(n[0].lower() if n[0].lower() in ("g", "n") else "", []).append(n)
+        val = {n for g in groups.values() for n in g[len(g) - math.ceil(len(g) * val_fraction) :]}
+        if len(val) < len(rest):  # else (a handful of images) as below, keeping one to train
+            return {"train": [n for n in rest if n not in val], "val": [n for n in rest if n in val], "test": test}
     else:
         n_test = math.ceil(len(names) * test_fraction)
         test, rest = names[len(names) - n_test :], names[: len(names) - n_test]

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +26,8 @@ from monai.inferers import Inferer
 from scripts.checkpoints import AtomicDiskSaver
 from scripts.io_utils import remove_stale_temporaries
 from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SDSegTrainStep",
@@ -65,21 +69,23 @@ def _output(engine, output: dict):
 class SDSegTrainStep:
     """``iteration_update`` for ``SupervisedTrainer`` training :class:`SDSeg`.
 
-    On the first iteration of a model whose ``scale_factor`` is unset (0), it becomes
-    ``1 / std(z)`` of that batch's mask latents (as in LDM/SDSeg), and is saved with the weights;
-    under ``torch.distributed`` the std is that of all ranks' first batches together, so every rank
-    gets the same value. The loss goes through ``engine.network``'s forward, so a
-    ``DistributedDataParallel`` network all-reduces the gradients.
+    On the first iteration of a model whose ``scale_factor`` is unset (0), before the first step, it becomes
+    ``1 / std(z)`` of the mask latents of ``scale_masks`` training masks spread evenly over the training set (all of
+    them when fewer; LDM/SDSeg use the first batch, 4 masks in the paper's setup), and is saved with the weights;
+    under ``torch.distributed`` the ranks share the masks out and pool the std, so every rank gets the same value.
+    The loss goes through ``engine.network``'s forward, so a ``DistributedDataParallel`` network all-reduces the
+    gradients.
 
     Time steps are uniform on {0, ..., T-1} (the paper), except that a share ``final_step_share`` of each
     batch (rounded) is put at t = T-1, where the single reverse step is taken: more training signal where
     inference lives.
     """
 
-    def __init__(self, loss_weight: float = 1.0, final_step_share: float = 0.0):
+    def __init__(self, loss_weight: float = 1.0, final_step_share: float = 0.0, scale_masks: int = 64):
         if not 0.0 <= final_step_share <= 1.0:
             raise ValueError(f"final_step_share must be in [0, 1], got {final_step_share}")
         self.loss_weight, self.final_step_share = float(loss_weight), float(final_step_share)
+        self.scale_masks = int(scale_masks)
 
     def timesteps(self, batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
         """t for one batch: uniform, with the first ``round(final_step_share * B)`` entries at T-1."""
@@ -92,13 +98,35 @@ class SDSegTrainStep:
         model: SDSeg = getattr(engine.network, "module", engine.network)
         if float(model.scale_factor) == 0.0:
             model.scale_factor.fill_(1.0)
-            model.scale_factor.fill_(1.0 / latent_std(model.encode_mask(mask, sample=True)))
+            z = torch.cat([model.encode_mask(m, sample=True) for m in training_masks(engine, self.scale_masks, mask)])
+            model.scale_factor.fill_(1.0 / latent_std(z))
+            logger.info(f"scale_factor = 1 / std(z) = {float(model.scale_factor):.5f} from {len(z)} training masks")
         engine.network.train()
         with _autocast(engine):
             t = self.timesteps(image.shape[0], model.num_train_timesteps, image.device)
             losses = engine.network(image, mask=mask, t=t, loss_weight=self.loss_weight)  # forward: DDP syncs
         _optimise(engine, losses["loss"])
         return _output(engine, {"image": image, "label": mask, **{k: v.detach() for k, v in losses.items()}})
+
+
+def training_masks(engine, n: int, first: torch.Tensor) -> list[torch.Tensor]:
+    """Batches of this rank's share of ``n`` training masks spread evenly over ``engine.data_loader``'s dataset (its
+    transforms applied, ``engine.prepare_batch``'s masks); the batches of a list of batches; else ``[first]``."""
+    loader, device = engine.data_loader, engine.state.device
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset):
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        m = min(n, len(dataset))
+        index = [round(i * (len(dataset) - 1) / max(m - 1, 1)) for i in range(m)][rank::world]
+        size = loader.batch_size or 1
+        batches = [loader.collate_fn([dataset[i] for i in index[j : j + size]]) for j in range(0, len(index), size)]
+    elif isinstance(loader, Sequence):
+        batches = list(loader)
+    else:
+        return [first]
+    return [engine.prepare_batch(b, device, engine.non_blocking)[1] for b in batches] or [first[:0]]
 
 
 def latent_std(z: torch.Tensor) -> float:

@@ -82,9 +82,12 @@ class SDSeg(nn.Module):
         scheduler: the training noise schedule (T steps, epsilon prediction).
         autoencoder_path: optional weights for ``autoencoder``, loaded before the vision encoder is copied
             from its encoder (so tau_theta starts from E's weights, as in the paper).
+        unet_path: optional pretrained weights for ``unet`` (the paper: LDM's LSUN-Churches U-Net), its first
+            convolution zero-padded from 4 to 8 input channels (``scripts.weights.load_unet_weights``).
         trainable_encoder: ``False`` freezes the vision encoder (ablation, paper Table 6).
         scale_factor: latent scale; ``0`` means "not set yet": the trainer sets ``1 / std(z)`` from the
-            first training batch of mask latents. Saved with the weights.
+            mask latents of 64 training masks before the first step (``scripts.engine.SDSegTrainStep``). Saved with
+            the weights.
         fusion: how z_c reaches the U-Net: ``"concat"`` (SDSeg: channel concatenation at the input) or
             ``"crossattn"`` (ablation baseline, paper Table 6: z_c flattened to h*w tokens of ``latent_channels``
             features, fed to the U-Net's cross-attention as context).
@@ -114,6 +117,7 @@ class SDSeg(nn.Module):
         gradient_checkpointing: bool = False,
         latent_cache: bool = False,
         prediction_type: str = "epsilon",
+        unet_path: str | None = None,
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -126,6 +130,10 @@ class SDSeg(nn.Module):
             load_autoencoder(autoencoder, autoencoder_path)
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         latent_channels = autoencoder.latent_channels
+        if unet_path:
+            from scripts.weights import load_unet_weights
+
+            load_unet_weights(unet_path, unet)
         if fusion == "concat":
             if unet.in_channels != 2 * latent_channels or unet.out_channels != latent_channels:
                 raise ValueError(

@@ -20,7 +20,8 @@ class SDSegInferer(Inferer):
 
     Args:
         num_steps: 1 for SDSeg's single reverse step (z~0 from the noise estimate at t = T-1);
-            N > 1 runs DDIM (eta = 0) over N steps of the training schedule.
+            N > 1 runs DDIM (eta = 0) over N steps of the training schedule, ``T // N`` apart
+            (LDM's "uniform" steps: 901, 801, ..., 1 for N = 10, as in the authors' sampler).
         num_samples: K noise samples per image, run as one batch; averaged as ``average`` says.
         average: ``"score"`` (default) decodes each of the K latents and averages the K score maps
             (E + K (U + D)); ``"latent"`` averages the K estimates z~0 and decodes once (E + K U + D).
@@ -78,6 +79,11 @@ class SDSegInferer(Inferer):
         ddim.betas, ddim.alphas, ddim.alphas_cumprod = train.betas, train.alphas, train.alphas_cumprod
         ddim.final_alpha_cumprod = torch.tensor(1.0)
         ddim.set_timesteps(self.num_steps)
+        # MONAI's set_timesteps spaces the steps by linspace(T-1, 0, N) but step() moves by T // N: use the steps
+        # step() assumes, LDM's "uniform" discretisation (the authors' DDIM): range(0, T, T // N) + 1, reversed
+        stride = train.num_train_timesteps // self.num_steps
+        offset = 1 if (self.num_steps - 1) * stride + 1 < train.num_train_timesteps else 0
+        ddim.timesteps = (torch.arange(self.num_steps) * stride + offset).flip(0)
         return ddim
 
     def _networks(self, network: SDSeg) -> tuple:

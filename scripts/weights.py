@@ -1,4 +1,5 @@
-"""Checkpoint import: pretrained KL autoencoders (LDM kl-f8, the Stable Diffusion VAE) into MONAI's AutoencoderKL.
+"""Checkpoint import: pretrained KL autoencoders (LDM kl-f8, the Stable Diffusion VAE) into MONAI's AutoencoderKL, and
+pretrained LDM diffusion U-Nets (LSUN-Churches, the paper's start) into MONAI's DiffusionModelUNet / LDMUNet.
 
 Reads local files only: a CompVis/LDM Lightning ``.ckpt`` (``loss.*`` dropped, ``first_stage_model.`` stripped from a
 full LDM/SD checkpoint), a diffusers ``AutoencoderKL`` ``.safetensors`` / ``.bin`` or model folder, or a MONAI state
@@ -12,6 +13,11 @@ mid-block attention's 1x1 convs (CompVis) or linear layers (diffusers) become MO
 std and decoder output then match diffusers' to float precision (tests/test_weights.py).
 
 Convert once: ``python -m scripts.weights convert kl-f8/model.ckpt models/kl-f8.pt``.
+
+U-Nets (:func:`load_unet_weights`): LDM's ``openaimodel.UNetModel`` (``model.diffusion_model.*`` of a CompVis ``.ckpt``)
+or diffusers' ``UNet2DModel``. The block structure is read from the keys; LDM's legacy attention ``qkv`` 1x1 conv
+(q, k, v interleaved per head) becomes MONAI's ``to_q`` / ``to_k`` / ``to_v`` with the target's head counts. Scale-shift
+res blocks need :class:`scripts.ldm_unet.LDMUNet`. ``conv_in`` is zero-padded to the target's input channels.
 """
 
 from __future__ import annotations
@@ -28,13 +34,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
+from monai.networks.blocks import Convolution, SpatialAttentionBlock
 from monai.networks.nets import AutoencoderKL
 from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-__all__ = ["GroupNormSiLU", "kl_autoencoder", "convert_kl_state_dict", "read_state_dict", "load_kl_weights"]
+__all__ = [
+    "GroupNormSiLU",
+    "kl_autoencoder",
+    "convert_kl_state_dict",
+    "read_state_dict",
+    "load_kl_weights",
+    "convert_unet_state_dict",
+    "prepare_unet_state_dict",
+    "load_unet_weights",
+]
 
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
 WRAPPER_PREFIXES = ("first_stage_model.", "autoencoder.", "vae.")  # LDM/SD checkpoint, SDSeg model.pt, pipelines
@@ -339,23 +354,25 @@ def _unwrap(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}  # LDM's discriminator and LPIPS
 
 
-def _resolve(path: Path) -> tuple[Path, dict]:
-    """A diffusers model folder (or a pipeline folder with ``vae/``) -> its weight file and ``config.json``."""
+def _resolve(path: Path, subfolder: str = "vae") -> tuple[Path, dict]:
+    """A diffusers model folder (or a pipeline folder with ``vae/`` or ``unet/``) -> its weight file and config."""
     if not path.is_dir():
         return path, {}
-    for folder in (path, path / "vae"):
+    for folder in (path, path / subfolder):
         for name in DIFFUSERS_FILES:
             if (folder / name).is_file():
                 config = folder / "config.json"
                 return folder / name, json.loads(config.read_text()) if config.is_file() else {}
-    raise FileNotFoundError(f"{path}: no {' or '.join(DIFFUSERS_FILES)} in this folder or its vae/")
+    raise FileNotFoundError(f"{path}: no {' or '.join(DIFFUSERS_FILES)} in this folder or its {subfolder}/")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The autoencoder tensors in ``path`` (.ckpt/.pt/.pth/.bin, .safetensors, diffusers folder), keys unconverted."""
-    file, _ = _resolve(Path(path))
+def read_state_dict(path: str | os.PathLike, part: str = "autoencoder") -> dict[str, torch.Tensor]:
+    """The autoencoder (``part="unet"``: U-Net) tensors in ``path`` (.ckpt/.pt/.pth/.bin, .safetensors, diffusers
+    folder), keys unconverted."""
+    file, _ = _resolve(Path(path), "unet" if part == "unet" else "vae")
+    unwrap = _unwrap_unet if part == "unet" else _unwrap
     if not file.is_file():
-        raise FileNotFoundError(f"autoencoder weights not found: {file}")
+        raise FileNotFoundError(f"{part} weights not found: {file}")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -366,12 +383,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         obj = _torch_load(file)
     try:
-        sd = _unwrap(obj)
+        sd = unwrap(obj)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
     if not sd:
         top = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{file}: no autoencoder weights found (top-level entries: {top})")
+        raise ValueError(f"{file}: no {part} weights found (top-level entries: {top})")
     return sd
 
 
@@ -380,8 +397,10 @@ def _fmt(names, n: int = 6) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def _check_fit(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise naming ``where`` unless ``sd`` has exactly the keys and shapes of ``model_sd``."""
+def _check_fit(
+    model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], where: str, part: str = "autoencoder"
+) -> None:
+    """Raise naming ``where`` unless ``sd`` has exactly the keys and shapes of ``model_sd`` (``part``: what it is)."""
     missing, unexpected = set(model_sd) - set(sd), set(sd) - set(model_sd)
     shapes = [
         f"{k}: file {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
@@ -390,12 +409,18 @@ def _check_fit(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tens
     ]
     if not (missing or unexpected or shapes):
         return
-    lines = [f"{where}: the weights do not fit the configured autoencoder (wrong architecture or preset?)"]
+    lines = [f"{where}: the weights do not fit the configured {part} (wrong architecture or preset?)"]
     lines += [f"  missing keys ({len(missing)}): {_fmt(missing)}"] if missing else []
     lines += [f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}"] if unexpected else []
     lines += [f"  shape mismatches ({len(shapes)}): {'; '.join(shapes[:4])}"] if shapes else []
-    arch = _describe(sd)
+    arch = _describe(sd) if part == "autoencoder" else None
     lines += [f"  the file holds: {_config_hint(arch)}"] if arch else []
+    common = set(sd) & set(model_sd)
+    if any(k.endswith("time_emb_proj.weight") and sd[k].shape[0] == 2 * model_sd[k].shape[0] for k in common):
+        lines += [
+            "  the file's res blocks use scale-shift time conditioning (LDM's use_scale_shift_norm): build the U-Net "
+            "with scripts.ldm_unet.LDMUNet, as configs/paper.yaml does"
+        ]
     raise ValueError("\n".join(lines))
 
 
@@ -427,6 +452,205 @@ def load_kl_weights(path: str | os.PathLike, autoencoder: AutoencoderKL) -> Auto
     _check_fit(autoencoder.state_dict(), sd, str(file))
     autoencoder.load_state_dict(sd)
     return autoencoder
+
+
+# ---- the denoising U-Net: LDM (CompVis openaimodel) / diffusers UNet2DModel -> MONAI DiffusionModelUNet ------------
+UNET_PREFIXES = ("model.diffusion_model.",)  # a full LDM checkpoint (the authors' load_only_unet reads these keys)
+LSUN_CHURCHES = "https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip"
+
+
+def _unwrap_unet(obj) -> dict[str, torch.Tensor]:
+    """The U-Net's tensors in a checkpoint: Lightning ``state_dict``, ``model.diffusion_model.*`` of an LDM."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a state dict, got {type(obj).__name__}")
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    prefix = next((p for p in UNET_PREFIXES if any(k.startswith(p) for k in sd)), "")
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _unet_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    if "conv_in.conv.weight" in sd:
+        return "monai"
+    if "conv_in.weight" in sd and any(k.startswith("time_embedding.") for k in sd):
+        return "diffusers"
+    if "input_blocks.0.0.weight" in sd:
+        return "compvis"
+    return "unknown"
+
+
+def _compvis_unet_names(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """CompVis module prefix -> diffusers module prefix, read from the block structure of the keys.
+
+    The output blocks give the levels (each but the last ends in an up-sampler: a second res block, or a conv) and
+    their res-block counts (``num_res_blocks + 1``); the input blocks have ``num_res_blocks`` per level, then a
+    down-sampler (a res block, or the conv ``op``) on every level but the last."""
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in sd)
+
+    names = {"input_blocks.0.0.": "conv_in.", "time_embed.0.": "time_embedding.linear_1."}
+    names.update({"time_embed.2.": "time_embedding.linear_2.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."})
+    names.update({f"middle_block.{i}.": f"mid_block.{n}." for i, n in enumerate(("resnets.0", "attentions.0"))})
+    names["middle_block.2."] = "mid_block.resnets.1."
+    level, r, per_level = 0, 0, []
+    for k in range(_count(sd, "output_blocks.")):
+        names[f"output_blocks.{k}.0."] = f"up_blocks.{level}.resnets.{r}."
+        upsampled = False
+        for j in range(1, _count(sd, f"output_blocks.{k}.")):
+            src = f"output_blocks.{k}.{j}."
+            if has(src + "qkv."):
+                names[src] = f"up_blocks.{level}.attentions.{r}."
+            else:
+                names[src], upsampled = f"up_blocks.{level}.upsamplers.0.", True
+        if upsampled:
+            per_level.append(r + 1)
+            level, r = level + 1, 0
+        else:
+            r += 1
+    per_level.append(r)
+    n_down = [n - 1 for n in reversed(per_level)]
+    level, r = 0, 0
+    for k in range(1, _count(sd, "input_blocks.")):
+        if level >= len(n_down):
+            break  # more input blocks than the output blocks imply: left unconverted, reported as unexpected
+        if r == n_down[level]:
+            names[f"input_blocks.{k}.0."] = f"down_blocks.{level}.downsamplers.0."
+            level, r = level + 1, 0
+            continue
+        names[f"input_blocks.{k}.0."] = f"down_blocks.{level}.resnets.{r}."
+        if has(f"input_blocks.{k}.1.qkv."):
+            names[f"input_blocks.{k}.1."] = f"down_blocks.{level}.attentions.{r}."
+        r += 1
+    return names
+
+
+_COMPVIS_UNET_PARAMS = [  # CompVis parameter names inside a module -> diffusers names
+    (r"\.in_layers\.0\.", ".norm1."),
+    (r"\.in_layers\.2\.", ".conv1."),
+    (r"\.emb_layers\.1\.", ".time_emb_proj."),
+    (r"\.out_layers\.0\.", ".norm2."),
+    (r"\.out_layers\.3\.", ".conv2."),
+    (r"\.skip_connection\.", ".conv_shortcut."),
+    (r"(\.attentions\.\d+)\.norm\.", r"\1.group_norm."),
+    (r"(\.attentions\.\d+)\.qkv\.", r"\1.qkv_ldm."),  # split into q, k, v per head below
+    (r"(\.attentions\.\d+)\.proj_out\.", r"\1.to_out.0."),
+    (r"(\.downsamplers\.0)\.op\.", r"\1.conv."),
+]
+_DIFFUSERS_UNET_RULES = [  # diffusers UNet2DModel name -> MONAI DiffusionModelUNet name
+    (r"^conv_in\.", "conv_in.conv."),
+    (r"^time_embedding\.linear_1\.", "time_embed.0."),
+    (r"^time_embedding\.linear_2\.", "time_embed.2."),
+    (r"^conv_norm_out\.", "out.0."),
+    (r"^conv_out\.", "out.2.conv."),
+    (r"^mid_block\.resnets\.0\.", "middle_block.resnet_1."),
+    (r"^mid_block\.resnets\.1\.", "middle_block.resnet_2."),
+    (r"^mid_block\.attentions\.0\.", "middle_block.attention."),
+    (r"\.downsamplers\.0\.conv\.", ".downsampler.op.conv."),
+    (r"\.upsamplers\.0\.conv\.", ".upsampler.postconv.conv."),
+    (r"\.(down|up)samplers\.0\.", r".\1sampler."),
+    (r"\.conv([12])\.", r".conv\1.conv."),
+    (r"\.conv_shortcut\.", ".skip_connection.conv."),
+    (r"\.(query|key|value)\.", lambda m: f".to_{m.group(1)[0]}."),  # diffusers < 0.14
+    (r"\.proj_attn\.", ".to_out.0."),
+    (r"\.group_norm\.", ".norm."),
+    (r"\.to_(q|k|v)\.", r".attn.to_\1."),
+    (r"\.to_out\.0\.", ".attn.out_proj."),
+    (r"\.qkv_ldm\.", ".attn.qkv_ldm."),
+]
+
+
+def convert_unet_state_dict(
+    state_dict: Mapping[str, torch.Tensor], num_heads: int | Mapping[str, int] = 8
+) -> dict[str, torch.Tensor]:
+    """A diffusion U-Net state dict (CompVis/LDM ``openaimodel``, diffusers ``UNet2DModel`` or MONAI keys, or a
+    checkpoint holding one) -> MONAI ``DiffusionModelUNet`` / :class:`scripts.ldm_unet.LDMUNet` keys.
+
+    ``num_heads``: attention heads of the CompVis blocks (LDM's legacy ``qkv`` interleaves q, k, v per head), one
+    number or a map from MONAI attention-block prefix (``"down_blocks.0.attentions.0."``) to heads.
+    """
+    sd = _unwrap_unet(state_dict)
+    layout = _unet_layout(sd)
+    if layout == "monai":
+        return dict(sd)
+    if layout == "unknown":
+        raise ValueError(f"not an LDM or diffusers U-Net state dict (first keys: {list(sd)[:5]})")
+    if layout == "compvis":
+        names = _compvis_unet_names(sd)
+        renamed = {}
+        for key, value in sd.items():
+            src = max((p for p in names if key.startswith(p)), key=len, default=None)
+            key = names[src] + key[len(src) :] if src else key
+            for pattern, repl in _COMPVIS_UNET_PARAMS:
+                key = re.sub(pattern, repl, key)
+            renamed[key] = value[..., 0] if re.search(r"\.(qkv_ldm|to_out\.0)\.weight$", key) else value  # conv1d
+        sd = renamed
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in _DIFFUSERS_UNET_RULES:
+            key = re.sub(pattern, repl, key)
+        if ".attn.qkv_ldm." in key:
+            prefix, param = key.split("attn.qkv_ldm.")
+            heads = num_heads if isinstance(num_heads, int) else num_heads.get(prefix, 8)
+            if value.shape[0] % (3 * heads):
+                raise ValueError(f"{key}: {value.shape[0]} channels do not split into q, k, v of {heads} heads")
+            q, k, v = value.reshape(heads, 3, value.shape[0] // (3 * heads), *value.shape[1:]).unbind(1)
+            for name, part in zip("qkv", (q, k, v)):
+                out[f"{prefix}attn.to_{name}.{param}"] = part.reshape(-1, *value.shape[1:])
+            continue
+        out[key] = value
+    return out
+
+
+def prepare_unet_state_dict(
+    raw: Mapping[str, torch.Tensor], unet: nn.Module, where: str = "U-Net weights"
+) -> dict[str, torch.Tensor]:
+    """``raw`` (any layout :func:`convert_unet_state_dict` reads) as an exact state dict of ``unet``: converted with
+    ``unet``'s attention heads, ``conv_in`` zero-padded when ``unet`` takes more input channels than the file (SDSeg:
+    4 -> 8, the z_c channels start at zero, as in the paper). Raises ``ValueError`` naming ``where`` and the keys."""
+    heads = {f"{name}.": m.attn.num_heads for name, m in unet.named_modules() if isinstance(m, SpatialAttentionBlock)}
+    try:
+        sd = convert_unet_state_dict(raw, heads)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    target = unet.state_dict()
+    key = "conv_in.conv.weight"
+    if key in sd and key in target and sd[key].ndim == target[key].ndim:
+        w, t = sd[key], target[key]
+        if w.shape[1] < t.shape[1] and (w.shape[0], *w.shape[2:]) == (t.shape[0], *t.shape[2:]):
+            sd[key] = torch.cat([w, w.new_zeros((w.shape[0], t.shape[1] - w.shape[1], *w.shape[2:]))], dim=1)
+    _check_fit(target, sd, where, part="U-Net")
+    return sd
+
+
+def load_unet_weights(path: str | os.PathLike, unet: nn.Module) -> nn.Module:
+    """Load a pretrained diffusion U-Net into ``unet`` (MONAI ``DiffusionModelUNet``; LDM's scale-shift res blocks
+    need :class:`scripts.ldm_unet.LDMUNet`): a CompVis/LDM ``.ckpt`` (its ``model.diffusion_model.*`` keys, e.g. the
+    LSUN-Churches LDM the paper starts from), a diffusers ``UNet2DModel`` folder or ``.safetensors`` / ``.bin``, or a
+    MONAI state dict. ``conv_in`` is zero-padded to ``unet``'s input channels (:func:`prepare_unet_state_dict`).
+
+    Raises ``FileNotFoundError`` (saying where to get the LSUN-Churches U-Net), or ``ValueError`` naming the file and
+    listing missing / unexpected keys and shape mismatches when it does not fit ``unet``.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"U-Net weights not found: {path}. The paper preset starts the U-Net from LDM's LSUN-Churches model: "
+            f"download {LSUN_CHURCHES} and unzip its model.ckpt to models/lsun_churches.ckpt (or point --unet_path "
+            "at it); or train the U-Net from scratch with --unet_path None."
+        )
+    file, config = _resolve(Path(path), "unet")
+    raw = read_state_dict(file, part="unet")
+    layout = _unet_layout(raw)
+    groups = {m.num_groups for m in unet.modules() if isinstance(m, nn.GroupNorm)}
+    expected = 32 if layout == "compvis" else config.get("norm_num_groups")  # LDM's GroupNorm32
+    if expected and groups != {expected}:
+        raise ValueError(
+            f"{file}: this {layout} U-Net uses {expected} GroupNorm groups, the configured one {sorted(groups)} "
+            f"(set unet_norm_groups: {expected})"
+        )
+    unet.load_state_dict(prepare_unet_state_dict(raw, unet, str(file)))
+    return unet
 
 
 # ---- command line --------------------------------------------------------------------------------------

@@ -67,9 +67,13 @@ def test_splits_are_deterministic_and_match_the_paper_counts():
     assert split_names("cvc", cvc) == s
     kv = split_names("kvasir", [f"id{i:04d}" for i in range(1000)])
     assert (len(kv["train"]), len(kv["val"]), len(kv["test"])) == (800, 100, 100)
-    ref = split_names("refuge2", [f"T{i:04d}" for i in range(400)] + [f"g{i:04d}" for i in range(800)])
+    # REFUGE2 as released: 40 glaucoma g*, 360 normal n*, 400 V* (REFUGE validation), 400 T* (test)
+    refuge = [f"{p}{i:04d}" for p, n in (("g", 40), ("n", 360), ("V", 400), ("T", 400)) for i in range(1, n + 1)]
+    ref = split_names("refuge2", refuge[::-1])
     assert len(ref["test"]) == 400 and all(n.startswith("T") for n in ref["test"])
-    assert len(ref["train"]) + len(ref["val"]) == 800 and not set(ref["train"]) & set(ref["val"])
+    assert (len(ref["train"]), len(ref["val"])) == (720, 80) and not set(ref["train"]) & set(ref["val"])
+    assert [sum(n.startswith(p) for n in ref["val"]) for p in "gnV"] == [4, 36, 40]  # 10 % of each group
+    assert split_names("refuge2", refuge) == ref
 
 
 def test_split_file_overrides_rule(demo_root, tmp_path):

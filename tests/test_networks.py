@@ -109,8 +109,59 @@ def test_training_steps_freeze_autoencoder_and_train_the_rest(demo_root):
     assert ae_keys and all(torch.equal(before[k], after[k]) for k in ae_keys)
     for prefix in ("vision_encoder.", "unet."):
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
-    assert float(model.scale_factor) > 0  # set from the first batch of mask latents
+    assert float(model.scale_factor) > 0  # set from the training masks before the first step
     assert not model.autoencoder.training and all(not p.requires_grad for p in model.autoencoder.parameters())
+
+
+def train_counting_encoded_masks(model, dataset, batch_size=4, iterations=2):
+    """Train ``iterations`` steps; return how many masks the autoencoder encoded before the first optimiser step."""
+    from monai.data import DataLoader
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    steps, seen, encode = [0], [], model._mask_posterior  # the frozen encoder's one entry point
+    optimizer.register_step_pre_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    model._mask_posterior = lambda mask: seen.append((steps[0], mask.shape[0])) or encode(mask)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        epoch_length=iterations,
+        train_data_loader=DataLoader(dataset, batch_size=batch_size, shuffle=False),
+        network=model,
+        optimizer=optimizer,
+        loss_function=F.l1_loss,
+        iteration_update=SDSegTrainStep(loss_weight=1.0),
+        decollate=False,
+    )
+    trainer.run()
+    return sum(n for step, n in seen if step == 0)
+
+
+def test_scale_factor_comes_from_64_training_masks_before_the_first_step():
+    """1 / std(z) from at least 64 training masks, not from the first batch (here 4 empty masks, as a CT run's first
+    slices can be: their latents alone would set it far off)."""
+    model = build_tiny_sdseg(seed=4)
+    with torch.no_grad():  # a narrow posterior, as a trained autoencoder has (sigma = exp(-5)): z varies with the mask
+        model.autoencoder.quant_conv_log_sigma.conv.weight.zero_()
+        model.autoencoder.quant_conv_log_sigma.conv.bias.fill_(-10.0)
+    images, masks = batch(64, seed=4)
+    masks[:4] = 0  # the first batch
+    dataset = [{"image": images[i], "label": masks[i]} for i in range(64)]
+    assert train_counting_encoded_masks(model, dataset) == 64 + 4  # 64 for the scale, then the first step's batch
+    with torch.no_grad():  # std of z = mu + sigma * eps over the 64 masks (sampling noise negligible here)
+        mu, sigma = model.autoencoder.encode(mask_to_ae_input(masks))
+        expected = 1 / ((mu**2 + sigma**2).mean() - mu.mean() ** 2).sqrt()
+        mu4, sigma4 = mu[:4], sigma[:4]
+        first_batch_only = 1 / ((mu4**2 + sigma4**2).mean() - mu4.mean() ** 2).sqrt()
+    assert float(model.scale_factor) == pytest.approx(float(expected), rel=0.005)
+    assert abs(float(first_batch_only) / float(expected) - 1) > 0.05, "the test data must tell the two apart"
+
+
+def test_fixed_scale_factor_from_the_config_is_kept():
+    model = build_tiny_sdseg(seed=4, scale_factor=0.1145)
+    images, masks = batch(8, seed=5)
+    dataset = [{"image": images[i], "label": masks[i]} for i in range(8)]
+    assert train_counting_encoded_masks(model, dataset) == 4  # only the first step's batch: no estimate
+    assert float(model.scale_factor) == pytest.approx(0.1145)
 
 
 def test_frozen_encoder_switch():

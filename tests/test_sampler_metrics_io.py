@@ -50,13 +50,54 @@ def test_k_samples_average_the_single_sample_runs(model, images):
 
 
 def test_ddim_uses_the_training_schedule(model, images):
-    """DDIM over N steps of the training schedule runs and stays finite."""
+    """DDIM over N steps of the training schedule, at LDM's "uniform" steps 1000 // N apart (the stride of step())."""
     ddim = SDSegInferer(num_steps=5, seed=1)
     out = ddim(images, model)
     assert out.shape == (5, 1, 64, 64) and torch.isfinite(out).all()
     sched = ddim._ddim(model)
-    assert sched.timesteps.tolist() == [999, 749, 500, 250, 0]  # evenly spaced, starting at T-1 like the single step
+    assert sched.timesteps.tolist() == [801, 601, 401, 201, 1]  # range(0, 1000, 200) + 1, reversed (authors' DDIM)
     assert torch.allclose(sched.alphas_cumprod, model.scheduler.alphas_cumprod)
+    assert SDSegInferer(num_steps=10)._ddim(model).timesteps.tolist() == list(range(901, 0, -100))
+    assert SDSegInferer(num_steps=3)._ddim(model).timesteps.tolist() == [667, 334, 1]  # N steps, stride 333
+    assert SDSegInferer(num_steps=1000)._ddim(model).timesteps.tolist() == list(range(999, -1, -1))
+
+
+class GaussianPriorOracle(torch.nn.Module):
+    """Latents z0 ~ N(mean, std^2) elementwise and the exact posterior-mean noise predictor E[n | z_t] for them:
+    a perfectly trained model of that prior. A consistent sampler returns the prior's mean and spread."""
+
+    def __init__(self, scheduler, mean=1.0, std=0.1):
+        super().__init__()
+        self.scheduler, self.mean, self.std = scheduler, mean, std
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()
+
+    num_train_timesteps = 1000
+    prediction_type = "epsilon"
+
+    def encode_image(self, image):
+        return torch.zeros(image.shape[0], 4, 16, 16)
+
+    def model_output(self, z_t, t, z_c):
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z = z_t.double()
+        return ((1 - a).sqrt() * (z - a.sqrt() * self.mean) / (a * self.std**2 + 1 - a)).to(z_t.dtype)
+
+    def estimate_z0(self, z_t, t, noise_pred):
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(z_t.dtype)
+        return (z_t - (1 - a).sqrt() * noise_pred) / a.sqrt()
+
+    def decode_score(self, z0):
+        return z0
+
+
+@pytest.mark.parametrize("num_steps", [2, 5, 10, 50])
+def test_ddim_with_an_exact_noise_predictor_returns_the_prior(model, num_steps):
+    """Each DDIM step must read alpha_bar at the noise level its latent is at: with the exact noise predictor of a
+    Gaussian prior the sampler returns the prior (mean within 0.02, std within 50 %), whatever N."""
+    oracle = GaussianPriorOracle(model.scheduler)
+    z0 = SDSegInferer(num_steps=num_steps, num_samples=1, seed=0)(torch.zeros(8, 3, 128, 128), oracle)
+    assert abs(float(z0.mean()) - 1.0) < 0.02, float(z0.mean())
+    assert 0.05 < float(z0.std()) < 0.15, float(z0.std())
 
 
 def test_bad_inferer_arguments():
