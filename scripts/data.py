@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import TraceKeys
 from PIL import Image
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "mask_to_target",
     "MaskToTargetd",
     "to_rgb",
+    "unpad_collated",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -188,3 +190,16 @@ class MaskToTargetd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = mask_to_target(torch.as_tensor(d[key]), self.rule)
         return d
+
+
+def unpad_collated(data: Mapping) -> dict:
+    """Undo ``PadListDataCollate(method="end")`` on one decollated item: every value it padded is cropped back to
+    its own size (``configs/evaluate.yaml``: labels of differently sized images in one batch). MONAI's own
+    ``PadListDataCollate.inverse`` centre-crops, a pixel off wherever symmetric padding was odd."""
+    d = dict(data)
+    for key, value in d.items():
+        ops = getattr(value, "applied_operations", None)
+        if ops and ops[-1].get(TraceKeys.CLASS_NAME) == "PadListDataCollate":
+            size = ops.pop()[TraceKeys.ORIG_SIZE]
+            d[key] = value[(slice(None), *(slice(0, int(s)) for s in size))]
+    return d
