@@ -61,6 +61,7 @@ __all__ = [
     "BTCV_TEST",
     "TRANSUNET8",
     "SimpleITKReader",
+    "dicom_series",
     "make_datalist",
     "volume_list",
     "volume_transforms",
@@ -118,12 +119,59 @@ def _sitk_affine(image: sitk.Image) -> np.ndarray:
     return LPS_TO_RAS @ affine
 
 
+def dicom_series(folder: str | os.PathLike) -> tuple[list[str], tuple[int, ...], np.ndarray]:
+    """The slice files of the one DICOM series in ``folder`` (in slice order), its shape and RAS affine, from the
+    file headers (no pixel data read). A file of the folder that is not a readable slice of the series (corrupt,
+    truncated, not DICOM, another series), a second series, or slices that are not evenly spaced along the stack
+    (a missing slice) raise a :class:`DatasetError` naming the folder. Hidden files and ``DICOMDIR`` are ignored."""
+    folder = str(folder)
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    if not ids:
+        raise DatasetError(f"{folder}: no DICOM series in this folder")
+    if len(ids) > 1:
+        raise DatasetError(f"{folder}: {len(ids)} DICOM series in one folder; keep one series per folder")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
+    others = sorted(
+        (p for p in Path(folder).iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"),
+        key=lambda p: _natural_key(p.name),
+    )
+    others = [p for p in others if str(p) not in set(files)]
+    if others:
+        raise DatasetError(
+            f"{folder}: {others[0].name} is not a readable slice of the series (corrupt, truncated or not DICOM; "
+            f"{len(others)} such file(s), {len(files)} readable slices)"
+        )
+    reader = sitk.ImageFileReader()
+    positions = []
+    for f in files:
+        reader.SetFileName(f)
+        reader.ReadImageInformation()
+        if not positions:
+            size, spacing, direction = reader.GetSize(), reader.GetSpacing(), reader.GetDirection()
+            components = reader.GetNumberOfComponents()
+        positions.append(reader.GetOrigin())
+    positions = np.asarray(positions, float)
+    columns = np.asarray(direction, float).reshape(3, 3)
+    if len(files) > 1:
+        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+        step = float(np.linalg.norm(positions[-1] - positions[0])) / (len(files) - 1)
+        worst = int(np.argmax(np.abs(steps - step)))
+        if step == 0 or abs(steps[worst] - step) > max(0.01 * step, 1e-3):
+            raise DatasetError(
+                f"{folder}: uneven slice spacing: {steps[worst]:.4g} mm between {Path(files[worst]).name} and "
+                f"{Path(files[worst + 1]).name}, {step:.4g} mm on average (a missing or misplaced slice?)"
+            )
+        columns[:, 2] = (positions[-1] - positions[0]) / (step * (len(files) - 1))
+        spacing = (spacing[0], spacing[1], step)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = columns * np.asarray(spacing, float), positions[0]
+    shape = (int(size[0]), int(size[1]), len(files)) + ((components,) if components > 1 else ())
+    return files, shape, LPS_TO_RAS @ affine
+
+
 def _read_sitk(path: str) -> sitk.Image:
     if os.path.isdir(path):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path)
-        if not files:
-            raise OSError(f"{path}: no DICOM series in this folder")
-        return sitk.ReadImage(files)
+        return sitk.ReadImage(dicom_series(path)[0])
     return sitk.ReadImage(path)
 
 
@@ -165,15 +213,16 @@ def _geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
             img = nib.load(str(path))
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, float)
         if path.is_dir():
-            img = _read_sitk(str(path))
-        else:
-            img = sitk.ImageFileReader()
-            img.SetFileName(str(path))
-            img.ReadImageInformation()
+            return dicom_series(path)[1:]
+        img = sitk.ImageFileReader()
+        img.SetFileName(str(path))
+        img.ReadImageInformation()
         shape = tuple(int(s) for s in img.GetSize()) + (
             (img.GetNumberOfComponents(),) if img.GetNumberOfComponents() > 1 else ()
         )
         return shape, _sitk_affine(img)
+    except DatasetError:
+        raise
     except Exception as e:  # nibabel and SimpleITK raise many types for corrupt files
         raise DatasetError(f"{path}: cannot be read as a volume ({e})") from e
 
