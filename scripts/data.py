@@ -21,12 +21,14 @@ counts. A JSON ``split_file`` ``{"train": [names], "val": [...], "test": [...]}`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
@@ -42,6 +44,7 @@ __all__ = [
     "mask_to_target",
     "MaskToTargetd",
     "to_rgb",
+    "to_uint8",
     "unpad_collated",
 ]
 
@@ -53,6 +56,8 @@ LAYOUTS = {  # dataset -> (image folder, mask folder, mask rule)
     "refuge2": ("images", "masks", "refuge_cup"),
 }
 SPLITS = ("train", "val", "test")
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -154,8 +159,34 @@ def image_list(input_dir: str) -> list[dict]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """PIL converter for images: grayscale, palette and RGBA files all become RGB."""
+    """PIL converter for images and masks: grayscale, palette and RGBA files all become RGB; 16-bit, 32-bit and
+    float files are brought to 0..255 first (:func:`to_uint8`) instead of being clipped to white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = Image.fromarray(to_uint8(np.asarray(image), image.mode, getattr(image, "filename", "") or "image"))
     return image.convert("RGB")
+
+
+def to_uint8(array: np.ndarray, mode: str, name: str = "image") -> np.ndarray:
+    """A 16-bit (``I;16``), 32-bit integer (``I``) or float (``F``) PIL image array -> uint8, scaled by its type.
+
+    ``I;16``: v / 257 (65535 -> 255). ``I``: kept if within 0..255, else v / 257 if within 0..65535 (16-bit data).
+    ``F``: v * 255 if within [0, 1], kept if within [0, 255]. Integer 0/1 label maps stay 0/1 (the mask rules read
+    them). Anything else (negative or larger values) is scaled by its own min..max, with a logged notice.
+    """
+    a = array.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode != "F" and lo >= 0 and hi <= 1:
+        scale = 1.0
+    elif mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        scale = 1 / 257
+    elif lo >= 0 and hi <= (1 if mode == "F" else 255):
+        scale = 255.0 if mode == "F" else 1.0
+    elif lo >= 0 and hi <= 255:
+        scale = 1.0
+    else:
+        logger.warning(f"{name}: {mode} values in [{lo:g}, {hi:g}] scaled to 0..255 by their own range")
+        a, scale = a - lo, 255 / (hi - lo) if hi > lo else 0.0
+    return np.rint(a * scale).clip(0, 255).astype(np.uint8)
 
 
 def mask_to_target(mask: torch.Tensor, rule: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_parser
 from PIL import Image
 
-from scripts.data import DatasetError, make_datalist, mask_to_target, split_names
+from scripts.data import DatasetError, make_datalist, mask_to_target, split_names, to_rgb
 
 
 @pytest.mark.parametrize("dataset", ["cvc", "kvasir", "refuge2"])
@@ -125,3 +125,48 @@ def test_size_mismatch_is_named(cvc_copy):
 def test_unknown_dataset_name(demo_root):
     with pytest.raises(DatasetError, match="unknown 2D dataset 'btcv2'"):
         make_datalist("btcv2", str(demo_root), "train")
+
+
+def test_16_bit_and_float_images_give_the_8_bit_result(demo_root, tmp_path, caplog):
+    """16-bit PNG/TIFF and float TIFF copies of an 8-bit image: the same network input and the same mask."""
+    from conftest import build_tiny_sdseg, parse_configs
+
+    from scripts.sampler import SDSegInferer
+
+    gray = np.asarray(Image.open(demo_root / "cvc" / "Original" / "1.png").convert("L"))
+    Image.fromarray(gray).save(tmp_path / "8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.tif")
+    Image.fromarray(gray.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16" and Image.open(tmp_path / "float.tif").mode == "F"
+    pre = parse_configs(["inference.yaml", "tiny.yaml"]).get_parsed_content("preprocessing")
+    images = {p.stem: pre({"image": str(p)})["image"] for p in sorted(tmp_path.iterdir())}
+    model = build_tiny_sdseg(seed=0).eval()
+    model.scale_factor.fill_(1.0)
+    masks = {k: SDSegInferer(seed=0)(x[None], model) > 0.5 for k, x in images.items()}
+    assert 0 < float(masks["8bit"].float().mean()) < 1
+    for name in ("16bit", "float"):
+        assert torch.equal(images[name], images["8bit"]) and torch.equal(masks[name], masks["8bit"]), name
+    # 16-bit masks: 0/65535 and 0/1 label maps give the 8-bit mask's target
+    mask8 = (gray > 128).astype(np.uint8) * 255
+    Image.fromarray(mask8).save(tmp_path / "mask8.png")
+    Image.fromarray(mask8.astype(np.uint16) * 257).save(tmp_path / "mask16.png")
+    Image.fromarray((mask8 > 0).astype(np.uint16)).save(tmp_path / "labels16.png")
+    load = parse_configs(["inference.yaml", "evaluate.yaml", "tiny.yaml"]).get_parsed_content("preprocessing")
+    targets = [
+        load({"image": str(tmp_path / "8bit.png"), "label": str(tmp_path / m)})["label"]
+        for m in ("mask8.png", "mask16.png", "labels16.png")
+    ]
+    assert (
+        0 < float(targets[0].mean()) < 1 and torch.equal(targets[1], targets[0]) and torch.equal(targets[2], targets[0])
+    )
+    # values outside the type's usual range: scaled by the image's own range, with a notice naming the file
+    Image.fromarray(gray.astype(np.int32) * 10 - 1000).save(tmp_path / "wide.tif")
+    with caplog.at_level("WARNING"):
+        wide = np.asarray(to_rgb(Image.open(tmp_path / "wide.tif")))
+    assert str(tmp_path / "wide.tif") in caplog.text and "scaled" in caplog.text
+    assert (
+        wide.min() == 0
+        and wide.max() == 255
+        and np.array_equal(wide[..., 0], np.rint((gray - gray.min()) * (255 / np.ptp(gray))))
+    )
