@@ -89,3 +89,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("interrupted")
     assert np.asarray(Image.open(target)).min() == 255
     assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]  # no temp file left behind
+
+
+def test_untrained_scale_factor_is_an_error(images):
+    """A model whose scale_factor was never set (0: no training iteration ran) cannot decode: a clear error."""
+    untrained = build_tiny_sdseg(seed=5).eval()
+    assert float(untrained.scale_factor) == 0
+    with pytest.raises(ValueError, match="scale_factor is 0: the model was never trained"):
+        SDSegInferer()(images[:1], untrained)
