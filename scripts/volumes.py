@@ -43,7 +43,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     Orientationd,
     RepeatChanneld,
@@ -53,7 +52,7 @@ from monai.transforms import (
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, convert_to_dst_type
 
 from scripts.bundle_config import CONFIGS, parse_configs
-from scripts.data import DatasetError, _natural_key
+from scripts.data import DatasetError, LoadImaged, _natural_key, check_foreground, read_split_file
 from scripts.io_utils import atomic_path, atomic_write_json
 
 __all__ = [
@@ -246,7 +245,7 @@ def _volumes_in(folder: Path, prefixes: tuple[str, ...]) -> dict[str, Path]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found")
     files = {}
-    for p in folder.iterdir():
+    for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)):
             continue
         key = volume_stem(p)
@@ -254,24 +253,23 @@ def _volumes_in(folder: Path, prefixes: tuple[str, ...]) -> dict[str, Path]:
             if key.startswith(prefix) and key[len(prefix) :]:
                 key = key[len(prefix) :]
                 break
+        if key in files:
+            raise DatasetError(f"{folder}: {files[key].name} and {p.name} are both volume {key!r}; keep one")
         files[key] = p
     if not files:
         raise DatasetError(f"{folder}: no volumes ({', '.join(VOLUME_SUFFIXES)} or DICOM folders) found")
     return files
 
 
-def split_volumes(dataset: str, names: list[str], val_fraction: float = 0.1, split_file: str | None = None) -> dict:
-    """The fixed train/val/test split of ``names`` (see the module docstring)."""
+def split_volumes(
+    dataset: str, names: list[str], val_fraction: float = 0.1, split_file: str | None = None, where: str = "the dataset"
+) -> dict:
+    """The fixed train/val/test split of ``names`` (see the module docstring); a split file is checked by
+    :func:`scripts.data.read_split_file`."""
     names = sorted(names, key=_natural_key)
     split_file = split_file or (str(CONFIGS / DATASETS[dataset]["split"]) if DATASETS[dataset]["split"] else None)
     if split_file:
-        try:
-            splits = json.loads(Path(split_file).read_text())
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"{split_file}: cannot read the split file ({e})") from e
-        unknown = [n for s in ("train", "val", "test") for n in splits.get(s, []) if n not in names]
-        if unknown:
-            raise DatasetError(f"{split_file}: volumes not found in the dataset: {unknown[:5]}")
+        splits = read_split_file(split_file, names, where)
         test, train = list(splits.get("test", [])), sorted(splits.get("train", []), key=_natural_key)
         if "val" in splits:
             return {"train": train, "val": list(splits["val"]), "test": test}
@@ -311,7 +309,7 @@ def make_datalist(
             raise DatasetError(
                 f"{have[sorted(missing, key=_natural_key)[0]]}: no matching {kind} ({len(missing)} without)"
             )
-    splits = split_volumes(dataset, list(images), val_fraction, split_file)
+    splits = split_volumes(dataset, list(images), val_fraction, split_file, str(root / layout["images"]))
     names = [n for s in ("train", "val", "test") for n in splits[s]] if split == "all" else splits.get(split)
     if names is None:
         raise DatasetError(f"unknown split {split!r}; choose train, val, test or all")
@@ -398,7 +396,7 @@ def volume_transforms(
     geometric = ["image", "label"] if resample_label else ["image"]
     chain = Compose(
         [
-            # readers are tried last first: nibabel for NIfTI, SimpleITK for the rest
+            # readers are tried last first: nibabel for NIfTI, SimpleITK for the rest; read errors name the file
             LoadImaged(
                 ["image", "label"], reader=[SimpleITKReader, NibabelReader], image_only=True, allow_missing_keys=True
             ),
@@ -492,6 +490,8 @@ class VolumeCacheDataset(Dataset):
         super().__init__(items, transform)
         self.skip_empty = float(skip_empty)
         self.with_foreground = [i for i, d in enumerate(items) if d["foreground"]]
+        if slices and data:  # training: the labels must hold foreground somewhere
+            check_foreground(len(self.with_foreground), len(items), Path(data[0]["label"]).parent, "label slices")
         logger.info(f"{len(entries)} volumes, {len(items)} {'slices' if slices else 'volumes'} cached in {cache_dir}")
 
     def _transform(self, index: int):

@@ -422,3 +422,49 @@ def test_broken_dicom_series_stops_naming_the_folder(dicom_twins, tmp_path, prob
     with pytest.raises(DatasetError) as err:
         make_datalist("sts3d", str(root), "all", split_file=str(dicom_twins / "split.json"))
     assert str(folder) in str(err.value) and message in str(err.value)
+
+
+# ---- splits, names, empty labels, truncated files ----------------------------------------------------
+def test_3d_split_files_and_names_are_checked(tmp_path):
+    root, _ = _bad_dataset(tmp_path, "none")
+    split = tmp_path / "split.json"
+    for content, message in (
+        ('["0005", "0006"]', "expected a JSON object"),
+        ('{"train": "0005", "test": ["0006"]}', "'train' must be a list of names"),
+        ('{"train": ["0005", "0006"], "test": ["0006"]}', "'0006' is in both 'train' and 'test'"),
+        ('{"train": ["0005"], "test": ["0007"]}', "names not in"),
+    ):
+        split.write_text(content)
+        with pytest.raises(DatasetError) as err:
+            make_datalist("btcv", str(root), "test", split_file=str(split))
+        assert str(err.value).startswith(f"{split}: ") and message in str(err.value), content
+    (root / "img" / "img0005.mha").write_bytes(b"")  # the same case twice, as NIfTI and as .mha
+    with pytest.raises(DatasetError, match=r"img: img0005.mha and img0005.nii.gz are both volume '0005'"):
+        make_datalist("btcv", str(root), "all", val_fraction=0.0)
+
+
+def test_training_labels_without_foreground_are_an_error(tmp_path):
+    root, _ = _bad_dataset(tmp_path, "none")
+    for case in (5, 6):
+        path = root / "label" / f"label{case:04d}.nii.gz"
+        img = nib.load(path)
+        save_volume(path, np.zeros(img.shape, np.uint8), img.affine)
+    data = make_datalist("btcv", str(root), "all", val_fraction=0.0)
+    with pytest.raises(DatasetError, match=r"label: none of the 16 label slices has any foreground"):
+        VolumeCacheDataset(data, None, volume_transforms("btcv", BTCV_WINDOW, 32), str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("which", ["image", "label"])
+def test_truncated_volume_is_named_when_read(tmp_path, which):
+    """A .nii.gz cut short passes the header check; reading its voxels (inference, evaluation) names it."""
+    import traceback
+
+    root, _ = _bad_dataset(tmp_path, "none")
+    item = make_datalist("btcv", str(root), "all", val_fraction=0.0)[1]
+    data = Path(item[which]).read_bytes()
+    Path(item[which]).write_bytes(data[: len(data) // 2])
+    item = make_datalist("btcv", str(root), "all", val_fraction=0.0)[1]  # the header check still passes
+    with pytest.raises(Exception) as err:
+        volume_transforms("btcv", BTCV_WINDOW, 32, resample_label=False)(item)
+    text = "".join(traceback.format_exception(err.value))
+    assert f"{item[which]}: cannot be read (EOFError" in text
