@@ -84,7 +84,7 @@ def run(
         t = torch.full((batch,), model.num_train_timesteps - 1, device=device, dtype=torch.long)
         stage = {
             "encode": _timed(lambda: model.encode_image(images), device, repeats),
-            "unet": _timed(lambda: model.predict_noise(torch.randn_like(z_c), t, z_c), device, repeats),
+            "unet": _timed(lambda: model.model_output(torch.randn_like(z_c), t, z_c), device, repeats),
         }
         with autocast():
             stage["decode"] = _timed(lambda: model.decode_score(z_c), device, repeats)

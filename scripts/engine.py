@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver, from_engine
 from monai.inferers import Inferer
 
+from scripts.checkpoints import AtomicDiskSaver
+from scripts.io_utils import remove_stale_temporaries
 from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
 
 __all__ = [
@@ -67,10 +70,22 @@ class SDSegTrainStep:
     under ``torch.distributed`` the std is that of all ranks' first batches together, so every rank
     gets the same value. The loss goes through ``engine.network``'s forward, so a
     ``DistributedDataParallel`` network all-reduces the gradients.
+
+    Time steps are uniform on {0, ..., T-1} (the paper), except that a share ``final_step_share`` of each
+    batch (rounded) is put at t = T-1, where the single reverse step is taken: more training signal where
+    inference lives.
     """
 
-    def __init__(self, loss_weight: float = 1.0):
-        self.loss_weight = float(loss_weight)
+    def __init__(self, loss_weight: float = 1.0, final_step_share: float = 0.0):
+        if not 0.0 <= final_step_share <= 1.0:
+            raise ValueError(f"final_step_share must be in [0, 1], got {final_step_share}")
+        self.loss_weight, self.final_step_share = float(loss_weight), float(final_step_share)
+
+    def timesteps(self, batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
+        """t for one batch: uniform, with the first ``round(final_step_share * B)`` entries at T-1."""
+        t = torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+        t[: round(self.final_step_share * batch_size)] = num_train_timesteps - 1
+        return t
 
     def __call__(self, engine, batchdata: dict) -> dict:
         image, mask = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
@@ -80,7 +95,8 @@ class SDSegTrainStep:
             model.scale_factor.fill_(1.0 / latent_std(model.encode_mask(mask, sample=True)))
         engine.network.train()
         with _autocast(engine):
-            losses = engine.network(image, mask=mask, loss_weight=self.loss_weight)  # forward: DDP syncs
+            t = self.timesteps(image.shape[0], model.num_train_timesteps, image.device)
+            losses = engine.network(image, mask=mask, t=t, loss_weight=self.loss_weight)  # forward: DDP syncs
         _optimise(engine, losses["loss"])
         return _output(engine, {"image": image, "label": mask, **{k: v.detach() for k, v in losses.items()}})
 
@@ -150,14 +166,47 @@ def masks_as_inputs(batchdata: dict, device=None, non_blocking: bool = False, **
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` with atomic writes (temp file + rename): MONAI turns ignite's off,
-    so an interrupted save could leave a truncated ``model.pt``; here it never does."""
+    """MONAI's ``CheckpointSaver`` whose files survive a kill at any moment: each is written completely (temporary
+    file, fsync, rename; :class:`scripts.checkpoints.AtomicDiskSaver`) before the file it replaces goes, so there
+    is always a complete ``model.pt`` (once one was written) and a complete last checkpoint.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    ``n_saved`` interval checkpoints are kept: after each save the older ones of the same name pattern are removed,
+    including those a resumed run started from, and any with a larger number, which an earlier run left (they
+    would shadow this run's on ``--resume``). Stale temporaries of killed runs in ``save_dir`` are removed at once.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, *args, n_saved: int | None = None, **kwargs):
+        super().__init__(save_dir, save_dict, *args, n_saved=None, **kwargs)  # pruning is done here, after saving
+        self.keep = n_saved
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
-                ckpt.save_handler._atomic = True
+                ckpt.save_handler = AtomicDiskSaver(save_dir, ckpt.save_handler.filename)
+        remove_stale_temporaries(save_dir)
+        for path in sorted(Path(save_dir).glob("tmp????????")):  # ignite's atomic saves of earlier versions
+            if path.is_file():
+                self.logger.warning(
+                    f"{path}: {path.stat().st_size / 1e6:.0f} MB left by an interrupted save; delete it"
+                )
+
+    def interval_completed(self, engine) -> None:
+        super().interval_completed(engine)
+        saved = self._interval_checkpoint._saved
+        m = re.fullmatch(r"(.+=)(\d+)\.pt", saved[-1].filename) if saved else None
+        if m is None:
+            return
+        current = int(m[2])
+        found = sorted(
+            (int(n[1]), path)
+            for path in Path(self.save_dir).glob(glob.escape(m[1]) + "*.pt")
+            if (n := re.fullmatch(re.escape(m[1]) + r"(\d+)\.pt", path.name))
+        )
+        older = [path for n, path in found if n < current]
+        stale = [path for n, path in found if n > current]
+        remove = stale + (older[: max(0, len(older) - (self.keep - 1))] if self.keep else [])
+        for path in remove:
+            path.unlink(missing_ok=True)
+        if stale:
+            self.logger.info(f"removed {len(stale)} later-numbered checkpoint(s) of an earlier run: {stale}")
 
 
 class ProgressBar(_IgniteProgressBar):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scripts.checkpoints import load_weights, read_checkpoint
 from scripts.io_utils import atomic_path
 
 __all__ = ["SingleStepSegmenter", "build_segmenter", "export_program", "save_program", "save_onnx", "main"]
@@ -84,12 +85,9 @@ def build_segmenter(
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint not found: {ckpt} (train first, or pass --ckpt_file)")
     network = parser.get_parsed_content("network_def", instantiate=True)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = read_checkpoint(ckpt, map_location="cpu")
     state = state.get("model", state)  # CheckpointLoader's {"model": network} or the bare state dict
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        raise RuntimeError(f"{ckpt}: weights do not fit the configured network (check the preset): {e}") from e
+    load_weights(network, state, ckpt)  # names the file, the preset it seems to come from and the fix
     image_size, seed = int(parser.get_parsed_content("image_size")), int(parser.get_parsed_content("seed"))
     model = SingleStepSegmenter(network.to(device), image_size, seed=seed, output=output).to(device)
     settings = {"checkpoint": str(ckpt), "image_size": image_size, "seed": seed, "output": output}

@@ -1,10 +1,19 @@
-"""Atomic file writing: a reader never sees a half-written mask, table or checkpoint."""
+"""Atomic file writing: a reader never sees a half-written mask, table or checkpoint.
+
+A file is written to a hidden temporary next to it, ``.<name>.<random>.<host>.<pid>.tmp``, and renamed over
+it when complete. A process killed while writing leaves that temporary behind; the next write into the same
+folder removes the temporaries of processes of this host that no longer run (:func:`remove_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,20 +23,97 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
-__all__ = ["atomic_path", "atomic_save_image", "atomic_write_text", "atomic_write_json", "SaveMaskd"]
+__all__ = [
+    "atomic_path",
+    "atomic_save_image",
+    "atomic_write_text",
+    "atomic_write_json",
+    "remove_stale_temporaries",
+    "SaveMaskd",
+]
+
+logger = logging.getLogger(__name__)
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+# .<name>.<random>.<host>.<pid>.tmp (mkstemp's random part has no dot)
+_TEMPORARY = re.compile(r"^\..+\.[^.]+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.tmp$")
+_OTHER_HOST_AGE = 24 * 3600  # seconds: another host's temporary older than this is stale too
+_swept: set[str] = set()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that writers killed mid-write left in ``folder``: those of processes of this host
+    that no longer run, and those of other hosts older than a day. Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(m["pid"])
+        if m["host"] == _HOST:
+            stale = pid != os.getpid() and not _running(pid)
+        else:
+            try:
+                stale = time.time() - entry.stat().st_mtime > _OTHER_HOST_AGE
+            except FileNotFoundError:
+                continue
+        if stale:
+            try:
+                os.remove(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    if removed:
+        logger.info(f"{folder}: removed {len(removed)} temporary file(s) left by an interrupted run")
+    return removed
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, fsync: bool = False):
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
+
+    ``fsync=True`` flushes the file and the folder to the disk before returning (checkpoints: complete even
+    after a power cut). The first write into a folder removes the stale temporaries of earlier runs there.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    folder = os.path.abspath(path.parent)
+    if folder not in _swept:
+        _swept.add(folder)
+        remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{_HOST}.{os.getpid()}.tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; written files are for other users and tools too
+        if fsync:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if fsync:
+            _fsync(folder, directory=True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -20,6 +20,8 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
 __all__ = ["SDSeg", "VisionEncoder", "load_autoencoder", "mask_to_ae_input", "ae_output_to_score"]
 
 
@@ -89,6 +91,11 @@ class SDSeg(nn.Module):
         gradient_checkpointing: recompute activations in the backward pass instead of keeping them (each block
             of the vision encoder, the U-Net as a whole): less memory for the paper preset at batch 4 on a
             16 GB GPU, at the cost of a second forward pass. Same gradients.
+        prediction_type: what the U-Net outputs (its training target's parametrisation): ``"epsilon"`` (the
+            noise, SDSeg and LDM), ``"sample"`` (z0 itself) or ``"v_prediction"`` (v = sqrt(a) n - sqrt(1-a) z0).
+            The losses are the same for all three (L1 on the implied noise and on the implied z~0). With
+            ``"epsilon"`` the single step at t = T-1 divides the U-Net's error by sqrt(a_T) (x39); with
+            ``"sample"`` or ``"v_prediction"`` z~0 is (nearly) the network's own output.
         latent_cache: keep the frozen autoencoder's posterior (mean, std) of every training mask seen, keyed by
             the mask's bytes, so a mask seen before (the same image, or the same flip of it) is not encoded
             again; the posterior sample is still drawn fresh each time. Memory grows with the number of
@@ -106,8 +113,12 @@ class SDSeg(nn.Module):
         fusion: str = "concat",
         gradient_checkpointing: bool = False,
         latent_cache: bool = False,
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
         if fusion not in ("concat", "crossattn"):
             raise ValueError(f"fusion must be 'concat' or 'crossattn', got {fusion!r}")
         self.fusion = fusion
@@ -137,6 +148,18 @@ class SDSeg(nn.Module):
         self.scheduler = scheduler
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def get_extra_state(self) -> dict:
+        """Saved with the weights (``_extra_state``): what the U-Net was trained to output."""
+        return {"prediction_type": self.prediction_type}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = state.get("prediction_type", "epsilon")
+        if saved != self.prediction_type:
+            raise ValueError(
+                f"these weights were trained with prediction_type {saved!r}, but the configuration builds "
+                f"{self.prediction_type!r}: pass --prediction_type {saved}"
+            )
 
     @property
     def num_train_timesteps(self) -> int:
@@ -177,8 +200,9 @@ class SDSeg(nn.Module):
         """z_c = tau_theta(C) (not scaled)."""
         return self.vision_encoder(image)
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """n~ = f(z_t; z_c): the U-Net on the channel concatenation, z_t first (or z_c as cross-attention tokens)."""
+    def model_output(self, z_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+        """f(z_t; z_c): the U-Net on the channel concatenation, z_t first (or z_c as cross-attention tokens).
+        What it estimates (noise, z0 or v) is ``prediction_type``; :meth:`estimate_z0` turns it into z~0."""
         unet = self.unet
         if self.gradient_checkpointing and torch.is_grad_enabled():
             unet = functools.partial(checkpoint, self.unet, use_reentrant=False)
@@ -199,10 +223,25 @@ class SDSeg(nn.Module):
         a = self._alpha_bar(t, z0)
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
-    def estimate_z0(self, z_t: torch.Tensor, t: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
-        """Eq. 2: z~0 = (z_t - sqrt(1 - a_t) n~) / sqrt(a_t)."""
+    def estimate_z0(self, z_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """z~0 from the U-Net's ``output``: Eq. 2, z~0 = (z_t - sqrt(1 - a_t) n~) / sqrt(a_t), for ``epsilon``;
+        the output itself for ``sample``; sqrt(a_t) z_t - sqrt(1 - a_t) v~ for ``v_prediction``."""
+        if self.prediction_type == "sample":
+            return output
         a = self._alpha_bar(t, z_t)
-        return (z_t - (1 - a).sqrt() * noise_pred) / a.sqrt()
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * z_t - (1 - a).sqrt() * output
+        return (z_t - (1 - a).sqrt() * output) / a.sqrt()
+
+    def estimate_noise(self, z_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """n~ from the U-Net's ``output``: the output itself for ``epsilon``; (z_t - sqrt(a_t) z~0) / sqrt(1 - a_t)
+        for ``sample``; sqrt(1 - a_t) z_t + sqrt(a_t) v~ for ``v_prediction``."""
+        if self.prediction_type == "epsilon":
+            return output
+        a = self._alpha_bar(t, z_t)
+        if self.prediction_type == "v_prediction":
+            return (1 - a).sqrt() * z_t + a.sqrt() * output
+        return (z_t - a.sqrt() * output) / (1 - a).sqrt()
 
     def latent_shape(self, image: torch.Tensor) -> tuple[int, ...]:
         factor = 2 ** (len(self.autoencoder.encoder.channels) - 1)
@@ -219,17 +258,22 @@ class SDSeg(nn.Module):
         """The SDSeg training loss (paper Eq. 3) for one batch; ``t`` and ``noise`` are drawn when omitted.
 
         Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise) and ``loss_latent``
-        (L1 between z~0 of Eq. 2 and z0).
+        (L1 between z~0 and z0). Under ``torch.autocast`` only the three networks (mask encoder, vision
+        encoder, U-Net) run in reduced precision: z0, the noise, z_t, z~0 and the losses stay float32, since
+        z~0 divides errors by sqrt(a_t) (x39 at t = T-1).
         """
-        z0 = self.encode_mask(mask, sample=True)
-        if t is None:
-            t = torch.randint(0, self.num_train_timesteps, (z0.shape[0],), device=z0.device)
-        if noise is None:
-            noise = torch.randn_like(z0)
-        z_t = self.add_noise(z0, noise, t)
-        noise_pred = self.predict_noise(z_t, t, self.encode_image(image))
-        loss_noise = F.l1_loss(noise_pred.float(), noise)
-        loss_latent = F.l1_loss(self.estimate_z0(z_t, t, noise_pred.float()), z0)
+        z_mu, z_sigma = self._mask_posterior(mask)
+        with torch.autocast(mask.device.type, enabled=False):
+            z0 = self.autoencoder.sampling(z_mu.float(), z_sigma.float()) * self.scale_factor
+            if t is None:
+                t = torch.randint(0, self.num_train_timesteps, (z0.shape[0],), device=z0.device)
+            noise = torch.randn_like(z0) if noise is None else noise.float()
+            z_t = self.add_noise(z0, noise, t)
+        output = self.model_output(z_t, t, self.encode_image(image))
+        with torch.autocast(mask.device.type, enabled=False):
+            output = output.float()
+            loss_noise = F.l1_loss(self.estimate_noise(z_t, t, output), noise)
+            loss_latent = F.l1_loss(self.estimate_z0(z_t, t, output), z0)
         return {"loss": loss_noise + loss_weight * loss_latent, "loss_noise": loss_noise, "loss_latent": loss_latent}
 
     def forward(
@@ -256,4 +300,4 @@ class SDSeg(nn.Module):
             noise = torch.randn_like(z_c)
         z_t = noise.expand_as(z_c).to(z_c.dtype)
         t = torch.full((image.shape[0],), self.num_train_timesteps - 1, device=image.device, dtype=torch.long)
-        return self.decode_score(self.estimate_z0(z_t, t, self.predict_noise(z_t, t, z_c)))
+        return self.decode_score(self.estimate_z0(z_t, t, self.model_output(z_t, t, z_c)))

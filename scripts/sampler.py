@@ -21,7 +21,9 @@ class SDSegInferer(Inferer):
     Args:
         num_steps: 1 for SDSeg's single reverse step (z~0 from the noise estimate at t = T-1);
             N > 1 runs DDIM (eta = 0) over N steps of the training schedule.
-        num_samples: K noise samples per image, run as one batch; their score maps are averaged.
+        num_samples: K noise samples per image, run as one batch; averaged as ``average`` says.
+        average: ``"score"`` (default) decodes each of the K latents and averages the K score maps
+            (E + K (U + D)); ``"latent"`` averages the K estimates z~0 and decodes once (E + K U + D).
         seed: seeds the noise. As in the authors' code one noise draw (K tensors) is reused for every
             image of a run, so results do not depend on batch size or order.
         channels_last: run the networks in channels-last memory format (faster convolutions on GPUs
@@ -47,10 +49,14 @@ class SDSegInferer(Inferer):
         channels_last: bool = False,
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        average: str = "score",
     ):
         super().__init__()
         if num_steps < 1 or num_samples < 1:
             raise ValueError(f"num_steps and num_samples must be >= 1, got {num_steps} and {num_samples}")
+        if average not in ("score", "latent"):
+            raise ValueError(f"average must be 'score' or 'latent', got {average!r}")
+        self.average = average
         self.num_steps, self.num_samples, self.seed = int(num_steps), int(num_samples), int(seed)
         self.channels_last, self.compile, self.compile_kwargs = bool(channels_last), bool(compile), compile_kwargs or {}
         self._noise: torch.Tensor | None = None
@@ -65,7 +71,9 @@ class SDSegInferer(Inferer):
 
     def _ddim(self, network: SDSeg) -> DDIMScheduler:
         train = network.scheduler
-        ddim = DDIMScheduler(num_train_timesteps=train.num_train_timesteps, clip_sample=False)
+        ddim = DDIMScheduler(
+            num_train_timesteps=train.num_train_timesteps, clip_sample=False, prediction_type=network.prediction_type
+        )
         # same betas as training, whatever schedule built them
         ddim.betas, ddim.alphas, ddim.alphas_cumprod = train.betas, train.alphas, train.alphas_cumprod
         ddim.final_alpha_cumprod = torch.tensor(1.0)
@@ -73,7 +81,7 @@ class SDSegInferer(Inferer):
         return ddim
 
     def _networks(self, network: SDSeg) -> tuple:
-        """(encode_image, predict_noise, decode_score) of ``network``, converted/compiled once per network."""
+        """(encode_image, model_output, decode_score) of ``network``, converted/compiled once per network."""
         if self._prepared is None or self._prepared[0] != id(network):
             if float(getattr(network, "scale_factor", 1.0)) == 0.0:  # once per network: no per-batch sync
                 raise ValueError(
@@ -82,7 +90,7 @@ class SDSegInferer(Inferer):
                 )
             if self.channels_last:
                 network.to(memory_format=torch.channels_last)
-            fns = (network.encode_image, network.predict_noise, network.decode_score)
+            fns = (network.encode_image, network.model_output, network.decode_score)
             if self.compile:
                 fns = tuple(torch.compile(f, **self.compile_kwargs) for f in fns)
             self._prepared = (id(network), fns)
@@ -91,7 +99,7 @@ class SDSegInferer(Inferer):
     @torch.inference_mode()
     def __call__(self, inputs: torch.Tensor, network: SDSeg, *args, **kwargs) -> torch.Tensor:
         network = getattr(network, "module", network)  # DistributedDataParallel
-        encode, predict_noise, decode = self._networks(network)
+        encode, model_output, decode = self._networks(network)
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -102,12 +110,14 @@ class SDSegInferer(Inferer):
             z_c = z_c.repeat_interleave(k, dim=0)
             if self.num_steps == 1:
                 t = torch.full((b * k,), network.num_train_timesteps - 1, device=x.device, dtype=torch.long)
-                z0 = network.estimate_z0(z, t, predict_noise(z, t, z_c))
+                z0 = network.estimate_z0(z, t, model_output(z, t, z_c))
             else:
                 ddim = self._ddim(network)
                 for step in ddim.timesteps:
                     t = torch.full((b * k,), int(step), device=x.device, dtype=torch.long)
-                    z, z0 = ddim.step(predict_noise(z, t, z_c), int(step), z)
+                    z, z0 = ddim.step(model_output(z, t, z_c), int(step), z)
+            if self.average == "latent" and k > 1:
+                z0, k = z0.view(b, k, *z0.shape[1:]).mean(dim=1), 1
         score = decode(z0).float()
         score = score.view(b, k, *score.shape[1:]).mean(dim=1).contiguous()
         return convert_to_dst_type(score, inputs)[0] if isinstance(inputs, MetaTensor) else score

@@ -59,7 +59,8 @@ def test_training_writes_best_last_and_logs(trained):
     models = sorted(p.name for p in (root / "models").iterdir())
     assert "autoencoder.pt" in models and "model.pt" in models and "sdseg_checkpoint_epoch=2.pt" in models
     ckpt = torch.load(root / "models" / "sdseg_checkpoint_epoch=2.pt", weights_only=False)
-    assert ckpt["trainer"]["iteration"] == 8 and set(ckpt) == {"network", "ema", "optimizer", "lr_scheduler", "trainer"}
+    assert ckpt["trainer"]["iteration"] == 8
+    assert set(ckpt) == {"network", "ema", "optimizer", "lr_scheduler", "trainer", "run_state"}
     assert float(ckpt["network"]["scale_factor"]) > 0
     assert list((root / "eval" / "logs").glob("events.out.tfevents.*"))
     assert not list((root / "models").glob("*.tmp")) and not list((root / "models").glob("tmp*"))

@@ -63,6 +63,7 @@ def test_rank0_alone_logs_validates_and_saves(ddp_run):
     assert sorted(p.name for p in (root / "models").iterdir()) == [
         "autoencoder.pt",
         "model.pt",
+        "sdseg_checkpoint_epoch=1.pt",  # keep_checkpoints: 2
         "sdseg_checkpoint_epoch=2.pt",
     ]
     assert len(re.findall(r"Saved checkpoint at epoch: \d", log)) == 2  # once per epoch, not once per rank

@@ -42,6 +42,7 @@ class StubSDSeg(nn.Module):
     """The interface SDSegInferer uses; the score depends on the noise through ``gain`` (0: deterministic)."""
 
     num_train_timesteps = 1000
+    prediction_type = "epsilon"
 
     def __init__(self, gain: float = 0.0):
         super().__init__()
@@ -50,7 +51,7 @@ class StubSDSeg(nn.Module):
     def encode_image(self, image):
         return F.avg_pool2d(image, 8).mean(1, keepdim=True).expand(-1, 4, -1, -1) * 3
 
-    def predict_noise(self, z_t, t, z_c):
+    def model_output(self, z_t, t, z_c):
         return z_c + self.gain * z_t
 
     def estimate_z0(self, z_t, t, noise_pred):

@@ -66,7 +66,7 @@ def plain_path(model, images, num_steps, num_samples, seed):
                 z = noise[k : k + 1]
                 for step in ddim.timesteps:
                     t = torch.full((1,), int(step), dtype=torch.long)
-                    z, z0 = ddim.step(model.predict_noise(z, t, model.encode_image(image)), int(step), z)
+                    z, z0 = ddim.step(model.model_output(z, t, model.encode_image(image)), int(step), z)
                 per_sample.append(model.decode_score(z0))
             scores.append(torch.stack(per_sample).mean(0))
     return torch.cat(scores)

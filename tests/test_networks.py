@@ -41,8 +41,8 @@ def test_zero_initialised_condition_channels(model):
     z_t = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 999])
     with torch.no_grad():
-        a = model.predict_noise(z_t, t, torch.randn(2, 4, 8, 8))
-        b = model.predict_noise(z_t, t, torch.randn(2, 4, 8, 8) * 5)
+        a = model.model_output(z_t, t, torch.randn(2, 4, 8, 8))
+        b = model.model_output(z_t, t, torch.randn(2, 4, 8, 8) * 5)
     assert torch.equal(a, b)
 
 
@@ -134,3 +134,75 @@ def test_unet_channel_check():
     )
     with pytest.raises(ValueError, match="8 input channels"):
         type(model)(model.autoencoder, bad, model.scheduler)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_prediction_types_recover_z0_and_noise_from_their_oracle(model, prediction_type):
+    """Each parametrisation's exact output gives back z0 and the noise; the single step reads z~0 from it."""
+    m = copy.deepcopy(model).double()
+    m.prediction_type = prediction_type
+    z0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    noise = torch.randn_like(z0)
+    t = torch.tensor([0, 500, 999])
+    z_t = m.add_noise(z0, noise, t)
+    a = m.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    oracle = {"epsilon": noise, "sample": z0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0}[prediction_type]
+    assert torch.allclose(m.estimate_z0(z_t, t, oracle), z0, atol=1e-9)
+    assert torch.allclose(m.estimate_noise(z_t, t, oracle), noise, atol=1e-9)
+    # at t = T-1 an error in the output reaches z~0 amplified x39 for epsilon, not for sample or v
+    err = (m.estimate_z0(z_t, t, oracle + 0.01) - z0)[2].abs().max()
+    assert (float(err) > 0.3) == (prediction_type == "epsilon")
+
+
+def test_unknown_prediction_type_and_mismatched_weights_are_clear_errors(model):
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        type(model)(model.autoencoder, model.unet, model.scheduler, prediction_type="x0")
+    trained = build_tiny_sdseg(prediction_type="sample").state_dict()
+    assert trained["_extra_state"] == {"prediction_type": "sample"}
+    with pytest.raises(ValueError, match="trained with prediction_type 'sample'.*--prediction_type sample"):
+        build_tiny_sdseg().load_state_dict(trained)
+    build_tiny_sdseg(prediction_type="sample").load_state_dict(trained)
+
+
+class _PerfectNoise(torch.nn.Module):
+    """A U-Net stand-in that returns the noise the loss will add (in the autocast dtype of a real network)."""
+
+    in_channels, out_channels, with_conditioning = 8, 4, False
+
+    def __init__(self, unet, noise):
+        super().__init__()
+        self.conv_in, self.noise = unet.conv_in, noise
+
+    def forward(self, x, timesteps):
+        return self.noise.to(self.conv_in(x).dtype) + 0 * self.conv_in(x).mean()
+
+
+def test_amp_keeps_the_diffusion_algebra_in_float32(model):
+    """Under bf16 autocast only the networks run in bf16: with a perfect noise predictor the loss is the
+    float32 one (0 up to the predictor's own bf16 rounding), not z_t's bf16 rounding amplified x39."""
+    image, mask = batch(4)
+    noise = torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    m = copy.deepcopy(model)
+    m.unet = _PerfectNoise(m.unet, noise.to(torch.bfloat16).float())  # exactly representable in bf16
+    losses = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            losses[amp] = m(image, mask=mask, t=t, noise=noise.to(torch.bfloat16).float())
+    assert float(losses[False]["loss"]) < 1e-5
+    for key in ("loss", "loss_noise", "loss_latent"):
+        assert abs(float(losses[True][key]) - float(losses[False][key])) < 1e-4, key
+        assert losses[True][key].dtype == torch.float32
+
+
+def test_final_step_share_puts_that_share_of_each_batch_at_t_max():
+    step = SDSegTrainStep(final_step_share=0.5)
+    torch.manual_seed(0)
+    draws = torch.stack([step.timesteps(8, 1000, "cpu") for _ in range(200)])
+    assert (draws[:, :4] == 999).all()
+    rest = draws[:, 4:].float()
+    assert (rest < 999).float().mean() > 0.99 and abs(float(rest.mean()) - 499.5) < 40  # 4 std of the mean of 800 draws
+    assert (SDSegTrainStep().timesteps(8, 1000, "cpu") == 999).sum() <= 1
+    with pytest.raises(ValueError, match="final_step_share"):
+        SDSegTrainStep(final_step_share=1.5)

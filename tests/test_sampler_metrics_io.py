@@ -91,6 +91,35 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]  # no temp file left behind
 
 
+def test_latent_average_decodes_the_mean_latent_once(model, images):
+    k = 4
+    calls = []
+    decode = model.decode_score
+    model.decode_score = lambda z0: calls.append(z0.shape[0]) or decode(z0)
+    try:
+        out = SDSegInferer(num_samples=k, seed=2, average="latent")(images, model)
+    finally:
+        del model.decode_score
+    assert calls == [images.shape[0]]  # one decoder pass per image, not K
+    noise = torch.randn((k, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z_c = model.encode_image(images)
+        t = torch.full((1,), 999)
+        z0 = torch.stack(
+            [
+                torch.stack(
+                    [model.estimate_z0(n[None], t, model.model_output(n[None], t, z[None]))[0] for n in noise]
+                ).mean(0)
+                for z in z_c
+            ]
+        )
+        assert torch.allclose(out, model.decode_score(z0), atol=1e-5)
+    score = SDSegInferer(num_samples=k, seed=2)(images, model)
+    assert not torch.allclose(out, score, atol=1e-3)  # the other average differs
+    with pytest.raises(ValueError, match="average"):
+        SDSegInferer(average="median")
+
+
 def test_untrained_scale_factor_is_an_error(images):
     """A model whose scale_factor was never set (0: no training iteration ran) cannot decode: a clear error."""
     untrained = build_tiny_sdseg(seed=5).eval()
