@@ -346,8 +346,8 @@ def test_evaluate_on_images_of_three_sizes_at_batch_4(bundle_with_model, demo_ro
     sizes = {Image.open(d["image"]).size for d in make_datalist("kvasir", str(kvasir), "test")}
     assert len(sizes) == 3
     out = root / "eval_kvasir"
-    args = ["--bundle_root", str(root), "--dataset", "kvasir", "--dataset_dir", str(kvasir), "--eval_dir", str(out)]
-    run_bundle("evaluate", ["inference.yaml", "evaluate.yaml", "tiny.yaml"], root, *args, "--batch_size", "4")
+    overrides = dict(bundle_root=str(root), dataset="kvasir", dataset_dir=str(kvasir), eval_dir=str(out), batch_size=4)
+    parse_configs(["inference.yaml", "evaluate.yaml", "tiny.yaml"], **overrides).get_parsed_content("evaluate")
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert len(rows) == 3
     for name, dice, iou in rows:
