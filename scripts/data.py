@@ -23,26 +23,37 @@ A JSON ``split_file`` ``{"train": [names], "val": [...], "test": [...]}`` overri
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.transforms import LoadImaged as _LoadImaged
 from monai.transforms import MapTransform
+from monai.utils import TraceKeys
 from PIL import Image
 
 __all__ = [
     "LAYOUTS",
     "DatasetError",
     "make_datalist",
+    "read_split_file",
+    "check_foreground",
+    "check_batches",
     "image_list",
     "split_names",
     "mask_to_target",
     "MaskToTargetd",
+    "LoadImaged",
     "to_rgb",
+    "to_uint8",
+    "unpad_collated",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -53,6 +64,8 @@ LAYOUTS = {  # dataset -> (image folder, mask folder, mask rule)
     "refuge2": ("images", "masks", "refuge_cup"),
 }
 SPLITS = ("train", "val", "test")
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -66,7 +79,12 @@ def _natural_key(name: str):
 def _images_in(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found")
-    files = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.stem in files:
+                raise DatasetError(f"{folder}: {files[p.stem].name} and {p.name} share the name {p.stem!r}; keep one")
+            files[p.stem] = p
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return files
@@ -93,17 +111,56 @@ def split_names(
     return {"train": rest[: len(rest) - n_val], "val": rest[len(rest) - n_val :], "test": test}
 
 
-def _check_pair(image: Path, mask: Path) -> None:
-    sizes = []
+def read_split_file(split_file: str | os.PathLike, available: Collection[str], where: str | os.PathLike) -> dict:
+    """The checked contents of a JSON split file ``{"train": [names], "val": [...], "test": [...]}`` (2D and 3D).
+
+    Each present split must be a list of names (strings) found in ``available`` (the dataset's names, in
+    ``where``); a name may appear once, in one split only. Anything else raises a :class:`DatasetError` that names
+    the file and the problem. Returns only the splits the file has.
+    """
+    try:
+        splits = json.loads(Path(split_file).read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{split_file}: cannot read the split file ({e})") from e
+    if not isinstance(splits, dict):
+        raise DatasetError(
+            f'{split_file}: expected a JSON object {{"train": [names], "val": [...], "test": [...]}}, '
+            f"got a {type(splits).__name__}"
+        )
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise DatasetError(f"{split_file}: unknown split(s) {unknown}; use {', '.join(SPLITS)}")
+    owner: dict[str, str] = {}
+    for split, names in splits.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{split_file}: {split!r} must be a list of names (strings), got {names!r:.80}")
+        for n in names:
+            if n in owner:
+                where_else = "twice in" if owner[n] == split else f"in both {owner[n]!r} and"
+                raise DatasetError(f"{split_file}: {n!r} is {where_else} {split!r}; every name belongs to one split")
+            owner[n] = split
+    missing = [n for n in owner if n not in available]
+    if missing:
+        raise DatasetError(f"{split_file}: names not in {where}: {missing[:5]} ({len(missing)} in all)")
+    return splits
+
+
+def _check_pair(image: Path, mask: Path, rule: str | None = None) -> bool | None:
+    """Open both files fully and compare their sizes; with a mask ``rule``, whether the mask has any target."""
+    sizes, foreground = [], None
     for path in (image, mask):
         try:
             with Image.open(path) as im:
                 im.load()
                 sizes.append(im.size)
+                if rule and path is mask:
+                    rgb = torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1)
+                    foreground = bool(mask_to_target(rgb, rule).any())
         except Exception as e:  # PIL raises many types for corrupt files
             raise DatasetError(f"{path}: cannot be read as an image ({e})") from e
     if sizes[0] != sizes[1]:
         raise DatasetError(f"{mask}: mask size {sizes[1]} differs from its image {image.name} {sizes[0]}")
+    return foreground
 
 
 def make_datalist(
@@ -134,13 +191,7 @@ def make_datalist(
             example = have[sorted(missing, key=_natural_key)[0]]
             raise DatasetError(f"{example}: no matching {kind} ({len(missing)} file(s) without a {kind})")
     if split_file:
-        try:
-            splits = json.loads(Path(split_file).read_text())
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"{split_file}: cannot read the split file ({e})") from e
-        unknown = [n for s in SPLITS for n in splits.get(s, []) if n not in images]
-        if unknown:
-            raise DatasetError(f"{split_file}: names not in {root / image_dir}: {unknown[:5]}")
+        splits = read_split_file(split_file, images, root / image_dir)
     else:
         splits = split_names(dataset, list(images), val_fraction, test_fraction)
     names = [n for s in SPLITS for n in splits.get(s, [])] if split == "all" else splits.get(split, [])
@@ -148,9 +199,38 @@ def make_datalist(
         raise DatasetError(f"{root}: the {split!r} split is empty ({len(images)} images in total)")
     items = [{"image": str(images[n]), "label": str(masks[n]), "name": n} for n in names]
     if check:
+        rule = LAYOUTS[dataset][2] if split == "train" else None  # the training masks must hold targets
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda d: _check_pair(Path(d["image"]), Path(d["label"])), items))
+            found = list(pool.map(lambda d: _check_pair(Path(d["image"]), Path(d["label"]), rule), items))
+        if rule:
+            check_foreground(sum(found), len(items), root / mask_dir, "training masks")
     return items
+
+
+def check_foreground(with_target: int, total: int, where: str | os.PathLike, what: str) -> None:
+    """Stop when none of ``total`` training items has a target (nothing to learn); warn under 1 %."""
+    if with_target == 0:
+        raise DatasetError(
+            f"{where}: none of the {total} {what} has any foreground (check the masks, their values and --dataset)"
+        )
+    if with_target < 0.01 * total:
+        logger.warning(
+            f"{where}: only {with_target} of the {total} {what} ({100 * with_target / total:.1f} %) has any foreground"
+        )
+
+
+def check_batches(loader, dataset_dir: str | os.PathLike = "") -> int:
+    """``len(loader)`` for the training loader: batches per pass. Zero (fewer training items than one batch, the
+    incomplete batch being dropped) is a :class:`DatasetError`, not a run that trains nothing."""
+    n = len(loader)
+    if n == 0:
+        items = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+        per = " per process" if items != len(loader.dataset) else ""
+        raise DatasetError(
+            f"{dataset_dir}: {items} training items{per}, fewer than one batch of {loader.batch_size}: "
+            "lower --batch_size or add training images"
+        )
+    return n
 
 
 def image_list(input_dir: str) -> list[dict]:
@@ -160,8 +240,34 @@ def image_list(input_dir: str) -> list[dict]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """PIL converter for images: grayscale, palette and RGBA files all become RGB."""
+    """PIL converter for images and masks: grayscale, palette and RGBA files all become RGB; 16-bit, 32-bit and
+    float files are brought to 0..255 first (:func:`to_uint8`) instead of being clipped to white."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = Image.fromarray(to_uint8(np.asarray(image), image.mode, getattr(image, "filename", "") or "image"))
     return image.convert("RGB")
+
+
+def to_uint8(array: np.ndarray, mode: str, name: str = "image") -> np.ndarray:
+    """A 16-bit (``I;16``), 32-bit integer (``I``) or float (``F``) PIL image array -> uint8, scaled by its type.
+
+    ``I;16``: v / 257 (65535 -> 255). ``I``: kept if within 0..255, else v / 257 if within 0..65535 (16-bit data).
+    ``F``: v * 255 if within [0, 1], kept if within [0, 255]. Integer 0/1 label maps stay 0/1 (the mask rules read
+    them). Anything else (negative or larger values) is scaled by its own min..max, with a logged notice.
+    """
+    a = array.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode != "F" and lo >= 0 and hi <= 1:
+        scale = 1.0
+    elif mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        scale = 1 / 257
+    elif lo >= 0 and hi <= (1 if mode == "F" else 255):
+        scale = 255.0 if mode == "F" else 1.0
+    elif lo >= 0 and hi <= 255:
+        scale = 1.0
+    else:
+        logger.warning(f"{name}: {mode} values in [{lo:g}, {hi:g}] scaled to 0..255 by their own range")
+        a, scale = a - lo, 255 / (hi - lo) if hi > lo else 0.0
+    return np.rint(a * scale).clip(0, 255).astype(np.uint8)
 
 
 def mask_to_target(mask: torch.Tensor, rule: str) -> torch.Tensor:
@@ -196,3 +302,47 @@ class MaskToTargetd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = mask_to_target(torch.as_tensor(d[key]), self.rule)
         return d
+
+
+def unpad_collated(data: Mapping) -> dict:
+    """Undo ``PadListDataCollate(method="end")`` on one decollated item: every value it padded is cropped back to
+    its own size (``configs/evaluate.yaml``: labels of differently sized images in one batch). MONAI's own
+    ``PadListDataCollate.inverse`` centre-crops, a pixel off wherever symmetric padding was odd."""
+    d = dict(data)
+    for key, value in d.items():
+        ops = getattr(value, "applied_operations", None)
+        if ops and ops[-1].get(TraceKeys.CLASS_NAME) == "PadListDataCollate":
+            size = ops.pop()[TraceKeys.ORIG_SIZE]
+            d[key] = value[(slice(None), *(slice(0, int(s)) for s in size))]
+    return d
+
+
+class LoadImaged(_LoadImaged):
+    """MONAI's ``LoadImaged`` (same arguments), with every read error naming its file. MONAI names the file when
+    no reader opens it (in a long list of every reader's traceback), but not when the data turn out truncated or
+    corrupt while being read (``EOFError`` from a cut ``.nii.gz``); here any read error becomes a
+    :class:`DatasetError` ``"<file>: cannot be read (<the reader's error>)"``. On an error (only then) each file is
+    read again with the reader MONAI picks first for it, to find which one failed and why.
+    """
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:
+            for key in self.key_iterator(dict(data)):
+                cause = self._read_error(data[key], reader)
+                if isinstance(cause, DatasetError):
+                    raise cause from e
+                if cause is not None:
+                    raise DatasetError(f"{data[key]}: cannot be read ({type(cause).__name__}: {cause})") from e
+            raise
+
+    def _read_error(self, filename, reader=None) -> Exception | None:
+        for r in [reader] if reader is not None else self._loader.readers[::-1]:
+            if reader is not None or r.verify_suffix(filename):
+                try:
+                    r.get_data(r.read(filename))
+                except Exception as e:
+                    return e
+                return None
+        return None

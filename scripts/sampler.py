@@ -89,6 +89,11 @@ class SDSegInferer(Inferer):
     def _networks(self, network: SDSeg) -> tuple:
         """(encode_image, model_output, decode_score) of ``network``, converted/compiled once per network."""
         if self._prepared is None or self._prepared[0] != id(network):
+            if float(getattr(network, "scale_factor", 1.0)) == 0.0:  # once per network: no per-batch sync
+                raise ValueError(
+                    "the network's latent scale_factor is 0: the model was never trained (no training iteration "
+                    "ran before its model.pt was written); train it or load another model.pt"
+                )
             if self.channels_last:
                 network.to(memory_format=torch.channels_last)
             fns = (network.encode_image, network.model_output, network.decode_score)

@@ -43,7 +43,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     Orientationd,
     RepeatChanneld,
@@ -53,7 +52,7 @@ from monai.transforms import (
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, convert_to_dst_type
 
 from scripts.bundle_config import CONFIGS, parse_configs
-from scripts.data import DatasetError, _natural_key
+from scripts.data import DatasetError, LoadImaged, _natural_key, check_foreground, read_split_file
 from scripts.io_utils import atomic_path, atomic_write_json
 
 __all__ = [
@@ -61,6 +60,7 @@ __all__ = [
     "BTCV_TEST",
     "TRANSUNET8",
     "SimpleITKReader",
+    "dicom_series",
     "make_datalist",
     "volume_list",
     "volume_transforms",
@@ -118,12 +118,59 @@ def _sitk_affine(image: sitk.Image) -> np.ndarray:
     return LPS_TO_RAS @ affine
 
 
+def dicom_series(folder: str | os.PathLike) -> tuple[list[str], tuple[int, ...], np.ndarray]:
+    """The slice files of the one DICOM series in ``folder`` (in slice order), its shape and RAS affine, from the
+    file headers (no pixel data read). A file of the folder that is not a readable slice of the series (corrupt,
+    truncated, not DICOM, another series), a second series, or slices that are not evenly spaced along the stack
+    (a missing slice) raise a :class:`DatasetError` naming the folder. Hidden files and ``DICOMDIR`` are ignored."""
+    folder = str(folder)
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    if not ids:
+        raise DatasetError(f"{folder}: no DICOM series in this folder")
+    if len(ids) > 1:
+        raise DatasetError(f"{folder}: {len(ids)} DICOM series in one folder; keep one series per folder")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
+    others = sorted(
+        (p for p in Path(folder).iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"),
+        key=lambda p: _natural_key(p.name),
+    )
+    others = [p for p in others if str(p) not in set(files)]
+    if others:
+        raise DatasetError(
+            f"{folder}: {others[0].name} is not a readable slice of the series (corrupt, truncated or not DICOM; "
+            f"{len(others)} such file(s), {len(files)} readable slices)"
+        )
+    reader = sitk.ImageFileReader()
+    positions = []
+    for f in files:
+        reader.SetFileName(f)
+        reader.ReadImageInformation()
+        if not positions:
+            size, spacing, direction = reader.GetSize(), reader.GetSpacing(), reader.GetDirection()
+            components = reader.GetNumberOfComponents()
+        positions.append(reader.GetOrigin())
+    positions = np.asarray(positions, float)
+    columns = np.asarray(direction, float).reshape(3, 3)
+    if len(files) > 1:
+        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+        step = float(np.linalg.norm(positions[-1] - positions[0])) / (len(files) - 1)
+        worst = int(np.argmax(np.abs(steps - step)))
+        if step == 0 or abs(steps[worst] - step) > max(0.01 * step, 1e-3):
+            raise DatasetError(
+                f"{folder}: uneven slice spacing: {steps[worst]:.4g} mm between {Path(files[worst]).name} and "
+                f"{Path(files[worst + 1]).name}, {step:.4g} mm on average (a missing or misplaced slice?)"
+            )
+        columns[:, 2] = (positions[-1] - positions[0]) / (step * (len(files) - 1))
+        spacing = (spacing[0], spacing[1], step)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = columns * np.asarray(spacing, float), positions[0]
+    shape = (int(size[0]), int(size[1]), len(files)) + ((components,) if components > 1 else ())
+    return files, shape, LPS_TO_RAS @ affine
+
+
 def _read_sitk(path: str) -> sitk.Image:
     if os.path.isdir(path):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path)
-        if not files:
-            raise OSError(f"{path}: no DICOM series in this folder")
-        return sitk.ReadImage(files)
+        return sitk.ReadImage(dicom_series(path)[0])
     return sitk.ReadImage(path)
 
 
@@ -165,15 +212,16 @@ def _geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
             img = nib.load(str(path))
             return tuple(int(s) for s in img.shape), np.asarray(img.affine, float)
         if path.is_dir():
-            img = _read_sitk(str(path))
-        else:
-            img = sitk.ImageFileReader()
-            img.SetFileName(str(path))
-            img.ReadImageInformation()
+            return dicom_series(path)[1:]
+        img = sitk.ImageFileReader()
+        img.SetFileName(str(path))
+        img.ReadImageInformation()
         shape = tuple(int(s) for s in img.GetSize()) + (
             (img.GetNumberOfComponents(),) if img.GetNumberOfComponents() > 1 else ()
         )
         return shape, _sitk_affine(img)
+    except DatasetError:
+        raise
     except Exception as e:  # nibabel and SimpleITK raise many types for corrupt files
         raise DatasetError(f"{path}: cannot be read as a volume ({e})") from e
 
@@ -197,7 +245,7 @@ def _volumes_in(folder: Path, prefixes: tuple[str, ...]) -> dict[str, Path]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found")
     files = {}
-    for p in folder.iterdir():
+    for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)):
             continue
         key = volume_stem(p)
@@ -205,24 +253,23 @@ def _volumes_in(folder: Path, prefixes: tuple[str, ...]) -> dict[str, Path]:
             if key.startswith(prefix) and key[len(prefix) :]:
                 key = key[len(prefix) :]
                 break
+        if key in files:
+            raise DatasetError(f"{folder}: {files[key].name} and {p.name} are both volume {key!r}; keep one")
         files[key] = p
     if not files:
         raise DatasetError(f"{folder}: no volumes ({', '.join(VOLUME_SUFFIXES)} or DICOM folders) found")
     return files
 
 
-def split_volumes(dataset: str, names: list[str], val_fraction: float = 0.1, split_file: str | None = None) -> dict:
-    """The fixed train/val/test split of ``names`` (see the module docstring)."""
+def split_volumes(
+    dataset: str, names: list[str], val_fraction: float = 0.1, split_file: str | None = None, where: str = "the dataset"
+) -> dict:
+    """The fixed train/val/test split of ``names`` (see the module docstring); a split file is checked by
+    :func:`scripts.data.read_split_file`."""
     names = sorted(names, key=_natural_key)
     split_file = split_file or (str(CONFIGS / DATASETS[dataset]["split"]) if DATASETS[dataset]["split"] else None)
     if split_file:
-        try:
-            splits = json.loads(Path(split_file).read_text())
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"{split_file}: cannot read the split file ({e})") from e
-        unknown = [n for s in ("train", "val", "test") for n in splits.get(s, []) if n not in names]
-        if unknown:
-            raise DatasetError(f"{split_file}: volumes not found in the dataset: {unknown[:5]}")
+        splits = read_split_file(split_file, names, where)
         test, train = list(splits.get("test", [])), sorted(splits.get("train", []), key=_natural_key)
         if "val" in splits:
             return {"train": train, "val": list(splits["val"]), "test": test}
@@ -262,7 +309,7 @@ def make_datalist(
             raise DatasetError(
                 f"{have[sorted(missing, key=_natural_key)[0]]}: no matching {kind} ({len(missing)} without)"
             )
-    splits = split_volumes(dataset, list(images), val_fraction, split_file)
+    splits = split_volumes(dataset, list(images), val_fraction, split_file, str(root / layout["images"]))
     names = [n for s in ("train", "val", "test") for n in splits[s]] if split == "all" else splits.get(split)
     if names is None:
         raise DatasetError(f"unknown split {split!r}; choose train, val, test or all")
@@ -349,7 +396,7 @@ def volume_transforms(
     geometric = ["image", "label"] if resample_label else ["image"]
     chain = Compose(
         [
-            # readers are tried last first: nibabel for NIfTI, SimpleITK for the rest
+            # readers are tried last first: nibabel for NIfTI, SimpleITK for the rest; read errors name the file
             LoadImaged(
                 ["image", "label"], reader=[SimpleITKReader, NibabelReader], image_only=True, allow_missing_keys=True
             ),
@@ -443,6 +490,8 @@ class VolumeCacheDataset(Dataset):
         super().__init__(items, transform)
         self.skip_empty = float(skip_empty)
         self.with_foreground = [i for i, d in enumerate(items) if d["foreground"]]
+        if slices and data:  # training: the labels must hold foreground somewhere
+            check_foreground(len(self.with_foreground), len(items), Path(data[0]["label"]).parent, "label slices")
         logger.info(f"{len(entries)} volumes, {len(items)} {'slices' if slices else 'volumes'} cached in {cache_dir}")
 
     def _transform(self, index: int):

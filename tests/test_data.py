@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_parser
 from PIL import Image
 
-from scripts.data import DatasetError, make_datalist, mask_to_target, split_names
+from scripts.data import DatasetError, make_datalist, mask_to_target, split_names, to_rgb
 
 
 @pytest.mark.parametrize("dataset", ["cvc", "kvasir", "refuge2"])
@@ -129,3 +129,125 @@ def test_size_mismatch_is_named(cvc_copy):
 def test_unknown_dataset_name(demo_root):
     with pytest.raises(DatasetError, match="unknown 2D dataset 'btcv2'"):
         make_datalist("btcv2", str(demo_root), "train")
+
+
+def test_16_bit_and_float_images_give_the_8_bit_result(demo_root, tmp_path, caplog):
+    """16-bit PNG/TIFF and float TIFF copies of an 8-bit image: the same network input and the same mask."""
+    from conftest import build_tiny_sdseg, parse_configs
+
+    from scripts.sampler import SDSegInferer
+
+    gray = np.asarray(Image.open(demo_root / "cvc" / "Original" / "1.png").convert("L"))
+    Image.fromarray(gray).save(tmp_path / "8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.tif")
+    Image.fromarray(gray.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16" and Image.open(tmp_path / "float.tif").mode == "F"
+    pre = parse_configs(["inference.yaml", "tiny.yaml"]).get_parsed_content("preprocessing")
+    images = {p.stem: pre({"image": str(p)})["image"] for p in sorted(tmp_path.iterdir())}
+    model = build_tiny_sdseg(seed=0).eval()
+    model.scale_factor.fill_(1.0)
+    masks = {k: SDSegInferer(seed=0)(x[None], model) > 0.5 for k, x in images.items()}
+    assert 0 < float(masks["8bit"].float().mean()) < 1
+    for name in ("16bit", "float"):
+        assert torch.equal(images[name], images["8bit"]) and torch.equal(masks[name], masks["8bit"]), name
+    # 16-bit masks: 0/65535 and 0/1 label maps give the 8-bit mask's target
+    mask8 = (gray > 128).astype(np.uint8) * 255
+    Image.fromarray(mask8).save(tmp_path / "mask8.png")
+    Image.fromarray(mask8.astype(np.uint16) * 257).save(tmp_path / "mask16.png")
+    Image.fromarray((mask8 > 0).astype(np.uint16)).save(tmp_path / "labels16.png")
+    load = parse_configs(["inference.yaml", "evaluate.yaml", "tiny.yaml"]).get_parsed_content("preprocessing")
+    targets = [
+        load({"image": str(tmp_path / "8bit.png"), "label": str(tmp_path / m)})["label"]
+        for m in ("mask8.png", "mask16.png", "labels16.png")
+    ]
+    assert (
+        0 < float(targets[0].mean()) < 1 and torch.equal(targets[1], targets[0]) and torch.equal(targets[2], targets[0])
+    )
+    # values outside the type's usual range: scaled by the image's own range, with a notice naming the file
+    Image.fromarray(gray.astype(np.int32) * 10 - 1000).save(tmp_path / "wide.tif")
+    with caplog.at_level("WARNING"):
+        wide = np.asarray(to_rgb(Image.open(tmp_path / "wide.tif")))
+    assert str(tmp_path / "wide.tif") in caplog.text and "scaled" in caplog.text
+    assert (
+        wide.min() == 0
+        and wide.max() == 255
+        and np.array_equal(wide[..., 0], np.rint((gray - gray.min()) * (255 / np.ptp(gray))))
+    )
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('["1", "2"]', "expected a JSON object"),  # a list, not {"train": ...}
+        ('{"train": "12", "test": ["4"]}', "'train' must be a list of names"),  # read character by character
+        ('{"train": [1, 2], "test": ["4"]}', "'train' must be a list of names"),
+        ('{"train": ["1", "2"], "validation": ["3"]}', "unknown split(s) ['validation']"),
+        ('{"train": ["1", "2", "4"], "val": ["3"], "test": ["4", "5"]}', "'4' is in both 'train' and 'test'"),
+        ('{"train": ["1", "2", "2"], "test": ["4"]}', "'2' is twice in 'train'"),
+    ],
+)
+def test_bad_split_files_are_named(demo_root, tmp_path, content, message):
+    split = tmp_path / "split.json"
+    split.write_text(content)
+    with pytest.raises(DatasetError) as err:
+        make_datalist("cvc", str(demo_root / "cvc"), "test", split_file=str(split))
+    assert str(err.value).startswith(f"{split}: ") and message in str(err.value)
+
+
+def test_two_files_with_one_name_are_an_error(cvc_copy):
+    Image.open(cvc_copy / "Original" / "7.png").convert("RGB").save(cvc_copy / "Original" / "7.jpg")
+    with pytest.raises(DatasetError) as err:
+        make_datalist("cvc", str(cvc_copy), "train")
+    assert f"{cvc_copy / 'Original'}: 7.jpg and 7.png" in str(err.value)
+
+
+def test_fewer_training_images_than_one_batch_stop_before_training(demo_root, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text('{"train": ["1", "2", "3"], "val": ["4"], "test": ["5"]}')
+    parser = tiny_parser(dataset_dir=str(demo_root / "cvc"), split_file=str(split), num_workers=0, batch_size=4)
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps what the config expression raises
+        parser.get_parsed_content("training#0")  # the first step of `run training`: reads and checks the data
+    cause = err.value.__cause__
+    assert isinstance(
+        cause, DatasetError
+    ) and f"{demo_root / 'cvc'}: 3 training items, fewer than one batch of 4" in str(cause)
+    parser = tiny_parser(dataset_dir=str(demo_root / "cvc"), split_file=str(split), num_workers=0, batch_size=3)
+    assert parser.get_parsed_content("training#0") == 1 + 1  # one batch per pass, one validation image
+
+
+def test_training_masks_without_any_foreground_are_an_error(cvc_copy):
+    for f in (cvc_copy / "Ground Truth").iterdir():
+        Image.fromarray(np.zeros(Image.open(f).size[::-1], np.uint8)).save(f)
+    with pytest.raises(DatasetError, match=r"Ground Truth: none of the 18 training masks has any foreground"):
+        make_datalist("cvc", str(cvc_copy), "train")
+    assert len(make_datalist("cvc", str(cvc_copy), "test")) == 3  # other splits may lack targets
+
+
+def test_nearly_empty_training_masks_are_warned_about(tmp_path, caplog):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(1, 131):  # 104 training masks, one of them with a target: under 1 %
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(np.full((16, 16), 255 if i == 7 else 0, np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    with caplog.at_level("WARNING"):
+        assert len(make_datalist("kvasir", str(tmp_path), "train")) == 104
+    assert f"{tmp_path / 'masks'}: only 1 of the 104 training masks (1.0 %) has any foreground" in caplog.text
+
+
+def test_truncated_image_is_named_when_read(demo_root, tmp_path):
+    """`--input_dir` files are not opened before the run: a PNG cut short fails when read, naming the file."""
+    import traceback
+
+    from conftest import parse_configs
+
+    from scripts.data import image_list
+
+    (tmp_path / "in").mkdir()
+    data = (demo_root / "cvc" / "Original" / "2.png").read_bytes()
+    (tmp_path / "in" / "2.png").write_bytes(data[: len(data) // 2])
+    pre = parse_configs(["inference.yaml", "tiny.yaml"]).get_parsed_content("preprocessing")
+    with pytest.raises(Exception) as err:
+        pre(image_list(str(tmp_path / "in"))[0])
+    text = "".join(traceback.format_exception(err.value))
+    assert f"{tmp_path / 'in' / '2.png'}: cannot be read (OSError: image file is truncated" in text

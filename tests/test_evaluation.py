@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,3 +334,26 @@ def test_case_grid_and_training_curves(tmp_path):
     writer.close()
     out = training_curves(str(tmp_path / "logs"), str(tmp_path / "fig" / "curves.png"))
     assert Image.open(out).size == (840, 300)
+
+
+def test_evaluate_on_images_of_three_sizes_at_batch_4(bundle_with_model, demo_root):
+    """Labels stay at each image's own size for the metrics: a batch of differently sized images evaluates, and
+    each row of the table is the Dice/IoU of the written mask against the original ground truth."""
+    from scripts.data import make_datalist, mask_to_target
+    from scripts.metrics import dice_iou
+
+    root, kvasir = bundle_with_model, demo_root / "kvasir"
+    sizes = {Image.open(d["image"]).size for d in make_datalist("kvasir", str(kvasir), "test")}
+    assert len(sizes) == 3
+    out = root / "eval_kvasir"
+    overrides = dict(bundle_root=str(root), dataset="kvasir", dataset_dir=str(kvasir), eval_dir=str(out), batch_size=4)
+    parse_configs(["inference.yaml", "evaluate.yaml", "tiny.yaml"], **overrides).get_parsed_content("evaluate")
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 3
+    for name, dice, iou in rows:
+        pred = torch.as_tensor(np.array(Image.open(out / "masks" / f"{Path(name).stem}.png")) > 127)[None].float()
+        gt = mask_to_target(
+            torch.as_tensor(np.array(Image.open(kvasir / "masks" / name).convert("RGB"))).permute(2, 0, 1), "gray"
+        )
+        assert pred.shape == gt.shape == (1, *reversed(Image.open(kvasir / "images" / name).size))
+        assert (float(dice), float(iou)) == pytest.approx(dice_iou(pred, gt), abs=1e-6)

@@ -159,3 +159,11 @@ def test_latent_average_decodes_the_mean_latent_once(model, images):
     assert not torch.allclose(out, score, atol=1e-3)  # the other average differs
     with pytest.raises(ValueError, match="average"):
         SDSegInferer(average="median")
+
+
+def test_untrained_scale_factor_is_an_error(images):
+    """A model whose scale_factor was never set (0: no training iteration ran) cannot decode: a clear error."""
+    untrained = build_tiny_sdseg(seed=5).eval()
+    assert float(untrained.scale_factor) == 0
+    with pytest.raises(ValueError, match="scale_factor is 0: the model was never trained"):
+        SDSegInferer()(images[:1], untrained)

@@ -2,6 +2,7 @@
 rules, bad-input errors, and a short train -> infer -> evaluate run of the bundle on the demo volumes."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -264,3 +265,206 @@ def test_short_3d_run_trains_infers_and_evaluates_per_volume(demo_volumes, tmp_p
 def test_ct_overlay_picks_the_dataset_window(dataset, window):
     parser = parse_configs(["train.yaml", "ct.yaml", "tiny.yaml"], dataset=dataset)
     assert tuple(parser.get_parsed_content("hu_window")) == window
+
+
+# ---- DICOM series --------------------------------------------------------------------------------
+def write_dicom_series(folder, array, affine, uid="1.2.826.0.1.3680043.2.1125.12.1"):
+    """A CT series as scanners write it: one int16 slice file per z, with its position, orientation and spacing."""
+    import SimpleITK as sitk
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(np.asarray(array, np.int16).transpose(2, 1, 0))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    img.SetOrigin(lps[:3, 3].tolist())
+    d = img.GetDirection()
+    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        s = img[:, :, k]
+        position = "\\".join(f"{v:.10g}" for v in img.TransformIndexToPhysicalPoint((0, 0, k)))
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{uid}.{k + 1}",
+            "0020|000d": f"{uid}.0",
+            "0020|000e": uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": position,
+            "0020|0037": orientation,
+            "0028|1052": "0",
+            "0028|1053": "1",
+        }
+        for key, value in tags.items():
+            s.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
+        writer.Execute(s)
+
+
+@pytest.fixture(scope="module")
+def dicom_twins(tmp_path_factory):
+    """Two STS-3D-layout datasets with the same two CT cases: images as DICOM series folders, or as NIfTI."""
+    root = tmp_path_factory.mktemp("dicom")
+    rng = np.random.default_rng(3)
+    affine = np.diag([-0.8, -0.75, 2.5, 1.0])
+    a = np.deg2rad(6)  # an oblique in-plane orientation, origin off zero
+    affine[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ affine[:3, :3]
+    affine[:3, 3] = [120.0, -30.5, 400.0]
+    for case in ("case01", "case02"):
+        hu, label = make_ct_volume(rng, (40, 36, 10))
+        hu = np.round(hu).astype(np.int16)
+        for kind in ("dicom", "nifti"):
+            image = root / kind / "image" / case
+            write_dicom_series(image, hu, affine) if kind == "dicom" else save_volume(f"{image}.nii.gz", hu, affine)
+            save_volume(root / kind / "label" / f"{case}.nii.gz", (label > 0).astype(np.uint8), affine)
+    (root / "split.json").write_text('{"train": ["case02"], "test": ["case01"]}')
+    return root
+
+
+def test_dicom_series_reads_like_its_nifti_twin(dicom_twins, tmp_path):
+    from scripts.volumes import _geometry
+
+    split = str(dicom_twins / "split.json")
+    items = {k: make_datalist("sts3d", str(dicom_twins / k), "all", split_file=split) for k in ("dicom", "nifti")}
+    assert [d["name"] for d in items["dicom"]] == [d["name"] for d in items["nifti"]] == ["case02", "case01"]
+    dicom, nifti = items["dicom"][1], items["nifti"][1]
+    shape, affine = _geometry(Path(dicom["image"]))
+    assert shape == nib.load(nifti["image"]).shape == (40, 36, 10)
+    np.testing.assert_allclose(affine, nib.load(nifti["image"]).affine, atol=1e-4)
+    # training and inference see the same voxels (HU, orientation, labels) on the same grid
+    for resample_label in (True, False):
+        chain = volume_transforms("sts3d", STS_WINDOW, 32, resample_label=resample_label)
+        a, b = chain(dict(dicom)), chain(dict(nifti))
+        for key in ("image", "label"):
+            assert torch.equal(a[key], b[key]), key
+            np.testing.assert_allclose(a[key].affine.numpy(), b[key].affine.numpy(), atol=1e-4)
+    cached = [
+        VolumeCacheDataset(
+            items[k], LoadCachedd(["image", "label"]), volume_transforms("sts3d", STS_WINDOW, 32), str(c)
+        )
+        for k, c in (("dicom", tmp_path / "c1"), ("nifti", tmp_path / "c2"))
+    ]
+    assert len(cached[0]) == len(cached[1]) == 20
+    assert all(torch.equal(cached[0][i][k], cached[1][i][k]) for i in range(20) for k in ("image", "label"))
+
+
+def test_dicom_series_evaluates_like_its_nifti_twin(dicom_twins):
+    """The evaluate workflow (inference + ct overlays) on the DICOM set and on the NIfTI set, a random-weight model:
+    the same masks (shape, affine, voxels) and the same metrics."""
+    from conftest import build_tiny_sdseg
+
+    root = dicom_twins / "bundle"
+    (root / "models").mkdir(parents=True)
+    model = build_tiny_sdseg(seed=0)
+    model.scale_factor.fill_(1.0)
+    torch.save({"model": model.state_dict()}, root / "models" / "model.pt")
+    for kind in ("dicom", "nifti"):
+        parse_configs(
+            EVAL,
+            bundle_root=str(root),
+            dataset="sts3d",
+            dataset_dir=str(dicom_twins / kind),
+            split_file=str(dicom_twins / "split.json"),
+            eval_dir=str(root / kind),
+            device="$torch.device('cpu')",
+        ).get_parsed_content("evaluate")
+    rows = {k: (root / k / "metrics.csv").read_text().splitlines() for k in ("dicom", "nifti")}
+    assert rows["dicom"][0] == "name,dice,iou,hd95" and [r.split(",")[0] for r in rows["dicom"][1:]] == ["case01"]
+    assert rows["dicom"][1].split(",")[1:] == rows["nifti"][1].split(",")[1:]
+    a, b = (nib.load(root / k / "masks" / "case01.nii.gz") for k in ("dicom", "nifti"))
+    assert a.shape == b.shape == (40, 36, 10)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("missing", "uneven slice spacing"),
+        ("uneven", "uneven slice spacing"),
+        ("junk", "IM0004.dcm is not a readable slice of the series"),
+        ("truncated", "IM0004.dcm is not a readable slice of the series"),
+        ("two_series", "2 DICOM series"),
+    ],
+)
+def test_broken_dicom_series_stops_naming_the_folder(dicom_twins, tmp_path, problem, message):
+    import shutil
+
+    import SimpleITK as sitk
+
+    root = tmp_path / "sts"
+    shutil.copytree(dicom_twins / "dicom", root)
+    folder = root / "image" / "case02"
+    victim = folder / "IM0004.dcm"
+    if problem == "missing":
+        victim.unlink()
+    elif problem == "junk":
+        victim.write_bytes(b"not a DICOM file" * 64)
+    elif problem == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-700])
+    elif problem == "uneven":  # slice 4 sits 1 mm off the 2.5 mm grid
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(victim))
+        s = reader.Execute()
+        x, y, z = (float(v) for v in s.GetMetaData("0020|0032").split("\\"))
+        s.SetMetaData("0020|0032", f"{x:.10g}\\{y:.10g}\\{z + 1:.10g}")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(victim))
+        writer.Execute(s)
+    elif problem == "two_series":
+        write_dicom_series(tmp_path / "other", np.zeros((40, 36, 2)), np.eye(4), uid="1.2.826.0.1.3680043.2.1125.12.2")
+        for f in (tmp_path / "other").iterdir():
+            shutil.move(f, folder / f"other_{f.name}")
+    with pytest.raises(DatasetError) as err:
+        make_datalist("sts3d", str(root), "all", split_file=str(dicom_twins / "split.json"))
+    assert str(folder) in str(err.value) and message in str(err.value)
+
+
+# ---- splits, names, empty labels, truncated files ----------------------------------------------------
+def test_3d_split_files_and_names_are_checked(tmp_path):
+    root, _ = _bad_dataset(tmp_path, "none")
+    split = tmp_path / "split.json"
+    for content, message in (
+        ('["0005", "0006"]', "expected a JSON object"),
+        ('{"train": "0005", "test": ["0006"]}', "'train' must be a list of names"),
+        ('{"train": ["0005", "0006"], "test": ["0006"]}', "'0006' is in both 'train' and 'test'"),
+        ('{"train": ["0005"], "test": ["0007"]}', "names not in"),
+    ):
+        split.write_text(content)
+        with pytest.raises(DatasetError) as err:
+            make_datalist("btcv", str(root), "test", split_file=str(split))
+        assert str(err.value).startswith(f"{split}: ") and message in str(err.value), content
+    (root / "img" / "img0005.mha").write_bytes(b"")  # the same case twice, as NIfTI and as .mha
+    with pytest.raises(DatasetError, match=r"img: img0005.mha and img0005.nii.gz are both volume '0005'"):
+        make_datalist("btcv", str(root), "all", val_fraction=0.0)
+
+
+def test_training_labels_without_foreground_are_an_error(tmp_path):
+    root, _ = _bad_dataset(tmp_path, "none")
+    for case in (5, 6):
+        path = root / "label" / f"label{case:04d}.nii.gz"
+        img = nib.load(path)
+        save_volume(path, np.zeros(img.shape, np.uint8), img.affine)
+    data = make_datalist("btcv", str(root), "all", val_fraction=0.0)
+    with pytest.raises(DatasetError, match=r"label: none of the 16 label slices has any foreground"):
+        VolumeCacheDataset(data, None, volume_transforms("btcv", BTCV_WINDOW, 32), str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("which", ["image", "label"])
+def test_truncated_volume_is_named_when_read(tmp_path, which):
+    """A .nii.gz cut short passes the header check; reading its voxels (inference, evaluation) names it."""
+    import traceback
+
+    root, _ = _bad_dataset(tmp_path, "none")
+    item = make_datalist("btcv", str(root), "all", val_fraction=0.0)[1]
+    data = Path(item[which]).read_bytes()
+    Path(item[which]).write_bytes(data[: len(data) // 2])
+    item = make_datalist("btcv", str(root), "all", val_fraction=0.0)[1]  # the header check still passes
+    with pytest.raises(Exception) as err:
+        volume_transforms("btcv", BTCV_WINDOW, 32, resample_label=False)(item)
+    text = "".join(traceback.format_exception(err.value))
+    assert f"{item[which]}: cannot be read (EOFError" in text
