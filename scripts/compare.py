@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = {k: v for k, v in data.items() if v is not None}
     sdseg = {**data, **_parse_set(args.set), "ckpt_dir": str(out / "sdseg" / "models")}
     preset = args.configs[-1:]
-    baseline_configs = ["baseline_unet.yaml", *preset]
+    baseline_configs = [*preset, "baseline_unet.yaml"]
     baseline = {**data, "ckpt_dir": str(out / "baseline" / "models")}
 
     timings_file = out / "timings.json"
