@@ -79,13 +79,23 @@ class SDSegTrainStep:
     Time steps are uniform on {0, ..., T-1} (the paper), except that a share ``final_step_share`` of each
     batch (rounded) is put at t = T-1, where the single reverse step is taken: more training signal where
     inference lives.
+
+    ``consistency_weight`` > 0 adds ``consistency_weight * L1(z~0(n1), z~0(n2))``: the items at t = T-1 (at least
+    one) are seen twice in the batch, with two noise draws, and their two estimates must agree, so the single step
+    depends less on the noise draw.
     """
 
-    def __init__(self, loss_weight: float = 1.0, final_step_share: float = 0.0, scale_masks: int = 64):
+    def __init__(
+        self,
+        loss_weight: float = 1.0,
+        final_step_share: float = 0.0,
+        scale_masks: int = 64,
+        consistency_weight: float = 0.0,
+    ):
         if not 0.0 <= final_step_share <= 1.0:
             raise ValueError(f"final_step_share must be in [0, 1], got {final_step_share}")
         self.loss_weight, self.final_step_share = float(loss_weight), float(final_step_share)
-        self.scale_masks = int(scale_masks)
+        self.scale_masks, self.consistency_weight = int(scale_masks), float(consistency_weight)
 
     def timesteps(self, batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
         """t for one batch: uniform, with the first ``round(final_step_share * B)`` entries at T-1."""
@@ -102,11 +112,19 @@ class SDSegTrainStep:
             model.scale_factor.fill_(1.0 / latent_std(z))
             logger.info(f"scale_factor = 1 / std(z) = {float(model.scale_factor):.5f} from {len(z)} training masks")
         engine.network.train()
+        b = image.shape[0]
+        t = self.timesteps(b, model.num_train_timesteps, image.device)
+        m = max(1, round(self.final_step_share * b)) if self.consistency_weight > 0 else 0
+        if m:  # the first m items (those at T-1) again, with their own noise draw
+            image, mask, t = (torch.cat([x, x[:m]]) for x in (image, mask, t))
         with _autocast(engine):
-            t = self.timesteps(image.shape[0], model.num_train_timesteps, image.device)
             losses = engine.network(image, mask=mask, t=t, loss_weight=self.loss_weight)  # forward: DDP syncs
+        z0_pred = losses.pop("z0_pred")
+        if m:
+            losses["loss_consistency"] = F.l1_loss(z0_pred[:m], z0_pred[b:])
+            losses["loss"] = losses["loss"] + self.consistency_weight * losses["loss_consistency"]
         _optimise(engine, losses["loss"])
-        return _output(engine, {"image": image, "label": mask, **{k: v.detach() for k, v in losses.items()}})
+        return _output(engine, {"image": image[:b], "label": mask[:b], **{k: v.detach() for k, v in losses.items()}})
 
 
 def training_masks(engine, n: int, first: torch.Tensor) -> list[torch.Tensor]:

@@ -265,8 +265,8 @@ class SDSeg(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The SDSeg training loss (paper Eq. 3) for one batch; ``t`` and ``noise`` are drawn when omitted.
 
-        Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise) and ``loss_latent``
-        (L1 between z~0 and z0). Under ``torch.autocast`` only the three networks (mask encoder, vision
+        Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise), ``loss_latent``
+        (L1 between z~0 and z0) and ``z0_pred`` (z~0 itself, for extra terms). Under ``torch.autocast`` only the three networks (mask encoder, vision
         encoder, U-Net) run in reduced precision: z0, the noise, z_t, z~0 and the losses stay float32, since
         z~0 divides errors by sqrt(a_t) (x39 at t = T-1).
         """
@@ -281,8 +281,10 @@ class SDSeg(nn.Module):
         with torch.autocast(mask.device.type, enabled=False):
             output = output.float()
             loss_noise = F.l1_loss(self.estimate_noise(z_t, t, output), noise)
-            loss_latent = F.l1_loss(self.estimate_z0(z_t, t, output), z0)
-        return {"loss": loss_noise + loss_weight * loss_latent, "loss_noise": loss_noise, "loss_latent": loss_latent}
+            z0_pred = self.estimate_z0(z_t, t, output)
+            loss_latent = F.l1_loss(z0_pred, z0)
+        loss = loss_noise + loss_weight * loss_latent
+        return {"loss": loss, "loss_noise": loss_noise, "loss_latent": loss_latent, "z0_pred": z0_pred}
 
     def forward(
         self,

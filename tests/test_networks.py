@@ -257,3 +257,28 @@ def test_final_step_share_puts_that_share_of_each_batch_at_t_max():
     assert (SDSegTrainStep().timesteps(8, 1000, "cpu") == 999).sum() <= 1
     with pytest.raises(ValueError, match="final_step_share"):
         SDSegTrainStep(final_step_share=1.5)
+
+
+def test_consistency_term_sees_the_final_step_items_twice_and_compares_their_estimates():
+    model = build_tiny_sdseg(seed=6)
+    model.scale_factor.fill_(1.0)
+    images, masks = batch(4, seed=6)
+    seen = []
+    forward = model.forward
+    model.forward = lambda image, **kw: seen.append((image.shape[0], kw["t"].clone())) or forward(image, **kw)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": images, "label": masks}],
+        network=model,
+        optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+        loss_function=F.l1_loss,
+        iteration_update=SDSegTrainStep(final_step_share=0.5, consistency_weight=2.0),
+        decollate=False,
+    )
+    trainer.run()
+    (size, t), out = seen[0], trainer.state.output
+    assert size == 6 and (t[:2] == 999).all() and (t[4:] == 999).all()  # items 0, 1 again at the end
+    assert float(out["loss_consistency"]) > 0
+    total = out["loss_noise"] + out["loss_latent"] + 2.0 * out["loss_consistency"]
+    assert torch.allclose(out["loss"], total) and out["image"].shape[0] == 4
