@@ -19,7 +19,7 @@ from scripts.sampler import SDSegInferer
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
-    m = build_tiny_sdseg(seed=5).eval()
+    m = build_tiny_sdseg(seed=5, prediction_type="epsilon").eval()  # the plain path below uses Eq. 2
     m.scale_factor.fill_(0.7)
     with torch.no_grad():  # the U-Net's zero-initialised convolutions (z_c inputs, residual and output convs)
         for p in m.unet.parameters():  # get weights, so the image reaches the score, as after training
@@ -136,7 +136,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     same loss and gradients."""
     grads, saved = [], []
     for ckpt in (False, True):
-        model = build_tiny_sdseg(seed=1, gradient_checkpointing=ckpt).train()
+        model = build_tiny_sdseg(seed=1, gradient_checkpointing=ckpt, prediction_type="epsilon").train()
         model.scale_factor.fill_(0.8)
         gen = torch.Generator().manual_seed(0)
         image = torch.rand((2, 3, 64, 64), generator=gen) * 2 - 1
@@ -167,7 +167,7 @@ def test_latent_cache_skips_the_autoencoder_for_masks_seen_before():
     image = torch.rand((3, 3, 64, 64), generator=gen) * 2 - 1
     mask = (torch.rand((3, 1, 64, 64), generator=gen) > 0.5).float()
     t, noise = torch.tensor([5, 500, 999]), torch.randn((3, 4, 8, 8), generator=gen)
-    plain, cached = (build_tiny_sdseg(seed=2, latent_cache=c).train() for c in (False, True))
+    plain, cached = (build_tiny_sdseg(seed=2, latent_cache=c, prediction_type="epsilon").train() for c in (False, True))
     encoded = []
     cached.autoencoder.encoder.register_forward_hook(lambda _m, inputs, _o: encoded.append(inputs[0].shape[0]))
     for model in (plain, cached):

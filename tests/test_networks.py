@@ -14,7 +14,7 @@ from scripts.networks import mask_to_ae_input
 
 @pytest.fixture(scope="module")
 def model():
-    m = build_tiny_sdseg()
+    m = build_tiny_sdseg(prediction_type="epsilon")  # the paper's algebra
     m.scale_factor.fill_(0.5)
     return m
 
@@ -211,7 +211,7 @@ def test_unknown_prediction_type_and_mismatched_weights_are_clear_errors(model):
     trained = build_tiny_sdseg(prediction_type="sample").state_dict()
     assert trained["_extra_state"] == {"prediction_type": "sample"}
     with pytest.raises(ValueError, match="trained with prediction_type 'sample'.*--prediction_type sample"):
-        build_tiny_sdseg().load_state_dict(trained)
+        build_tiny_sdseg(prediction_type="epsilon").load_state_dict(trained)
     build_tiny_sdseg(prediction_type="sample").load_state_dict(trained)
 
 
@@ -260,7 +260,7 @@ def test_final_step_share_puts_that_share_of_each_batch_at_t_max():
 
 
 def test_consistency_term_sees_the_final_step_items_twice_and_compares_their_estimates():
-    model = build_tiny_sdseg(seed=6)
+    model = build_tiny_sdseg(seed=6, prediction_type="epsilon")  # a "sample" U-Net outputs 0 at init (zero out conv)
     model.scale_factor.fill_(1.0)
     images, masks = batch(4, seed=6)
     seen = []

@@ -13,7 +13,7 @@ from scripts.sampler import SDSegInferer
 
 @pytest.fixture(scope="module")
 def model():
-    m = build_tiny_sdseg(seed=5).eval()
+    m = build_tiny_sdseg(seed=5, prediction_type="epsilon").eval()
     m.scale_factor.fill_(0.7)
     return m
 
