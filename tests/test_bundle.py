@@ -16,16 +16,23 @@ INFER = ["inference.yaml", "tiny.yaml"]
 EVAL = ["inference.yaml", "evaluate.yaml", "tiny.yaml"]
 
 
-def test_short_training_lowers_the_loss(demo_root):
+@pytest.mark.parametrize(
+    "prediction_type, share, steps, factor", [("epsilon", 0.0, [100, 600], 0.7), ("sample", 0.5, [999, 999], 0.97)]
+)
+def test_short_training_lowers_the_loss(demo_root, prediction_type, share, steps, factor):
+    """The paper's parametrisation at mid t; the tiny preset's z0 target, half of each batch at T-1, at T-1 (where a
+    random autoencoder's wide posterior leaves most of the L1 loss irreducible: a smaller drop)."""
     from conftest import tiny_parser
+
+    from scripts.engine import SDSegTrainStep
 
     parser = tiny_parser(dataset="cvc", dataset_dir=str(demo_root / "cvc"), num_workers=0)
     items = [parser.get_parsed_content("validate#dataset")[i] for i in range(2)]
     image = torch.stack([d["image"] for d in items])
     mask = torch.stack([d["label"] for d in items])
-    model = build_tiny_sdseg(seed=0)
+    model = build_tiny_sdseg(seed=0, prediction_type=prediction_type)
     model.scale_factor.fill_(1.0)
-    t, noise = torch.tensor([100, 600]), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, noise = torch.tensor(steps), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def fixed_loss():
         torch.manual_seed(0)
@@ -35,13 +42,14 @@ def test_short_training_lowers_the_loss(demo_root):
     before = fixed_loss()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     torch.manual_seed(1)
-    for _ in range(60):
-        loss = model(image, mask=mask)["loss"]
+    step = SDSegTrainStep(final_step_share=share)
+    for _ in range(100):
+        loss = model(image, mask=mask, t=step.timesteps(2, 1000, "cpu"))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = fixed_loss()
-    assert after < 0.7 * before, (before, after)
+    assert after < factor * before, (before, after)
 
 
 @pytest.fixture(scope="module")
