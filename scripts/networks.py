@@ -265,10 +265,10 @@ class SDSeg(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The SDSeg training loss (paper Eq. 3) for one batch; ``t`` and ``noise`` are drawn when omitted.
 
-        Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise), ``loss_latent``
-        (L1 between z~0 and z0) and ``z0_pred`` (z~0 itself, for extra terms). Under ``torch.autocast`` only the three networks (mask encoder, vision
-        encoder, U-Net) run in reduced precision: z0, the noise, z_t, z~0 and the losses stay float32, since
-        z~0 divides errors by sqrt(a_t) (x39 at t = T-1).
+        Returns ``loss``, ``loss_noise`` (L1 between predicted and true noise), ``loss_latent`` (L1 between z~0
+        and z0) and ``z0_pred`` (z~0 itself, for extra terms). Under ``torch.autocast`` only the three networks
+        (mask encoder, vision encoder, U-Net) run in reduced precision: z0, the noise, z_t, z~0 and the losses
+        stay float32, since z~0 divides errors by sqrt(a_t) (x39 at t = T-1).
         """
         z_mu, z_sigma = self._mask_posterior(mask)
         with torch.autocast(mask.device.type, enabled=False):
