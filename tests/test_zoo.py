@@ -52,7 +52,10 @@ def normalise(name: str) -> str:
 
 def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # black prints emoji: decode as UTF-8 whatever the locale (an ASCII locale made a passing check fail)
+    return subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
 
 
 # ---- metadata.json ------------------------------------------------------------------------------
