@@ -28,7 +28,7 @@ def build_tiny_sdseg(seed: int = 0, **overrides):
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    from scripts.demo_data import write_demo_datasets
+    from scripts.tools.demo_data import write_demo_datasets
 
     out = tmp_path_factory.mktemp("demo")
     write_demo_datasets(out, n=24, seed=1)
@@ -57,7 +57,7 @@ def run_bundle(
 @pytest.fixture(scope="session")
 def demo_volumes(tmp_path_factory) -> Path:
     """The 3D demo sets (``btcv/``, ``sts3d/``) written once per session."""
-    from scripts.demo_data import write_demo_volumes
+    from scripts.tools.demo_data import write_demo_volumes
 
     out = tmp_path_factory.mktemp("demo3d")
     write_demo_volumes(out, seed=1)

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 def test_benchmark_tiny_writes_complete_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "scripts.benchmark", "--preset", "tiny", "--batch", "2", "--repeats", "1"]
+    cmd = [sys.executable, "-m", "scripts.tools.benchmark", "--preset", "tiny", "--batch", "2", "--repeats", "1"]
     cmd += ["--images", "4", "--device", "cpu", "--out", str(out), "--channels_last", "--amp", "bfloat16"]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,7 +43,15 @@ def test_compare_command_trains_both_and_reports_seeds_and_samples(demo_root, tm
     """End to end on demo data: both stages of SDSeg, the UNet on the same CPU budget, one table and JSON."""
     out = tmp_path / "cmp"
     tiny = ["max_iterations=4", "val_interval=2", "autoencoder_max_iterations=4", "autoencoder_val_interval=2"]
-    cmd = [sys.executable, "-m", "scripts.compare", "--dataset", "kvasir", "--dataset_dir", str(demo_root / "kvasir")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.tools.compare",
+        "--dataset",
+        "kvasir",
+        "--dataset_dir",
+        str(demo_root / "kvasir"),
+    ]
     cmd += ["--out", str(out), "--seeds", "3", "--samples", "4", "--budget_s", "1", "--split", "val", "--set", *tiny]
     cmd += ["prediction_type=sample", "batch_size=4"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -1,7 +1,7 @@
 """Deployment export of the single-step segmenter: torch.export and ONNX give the eager masks on demo images.
 
 A tiny random SDSeg (its score maps spread over about 0.05-0.85, so masks have both classes) is saved as a
-checkpoint and exported once by ``python -m scripts.export`` (run in-process, default output: masks); the ONNX
+checkpoint and exported once by ``python -m scripts.tools.export`` (run in-process, default output: masks); the ONNX
 model is converted from that exported program. Masks must be identical to eager except at pixels whose eager
 score is within 1e-4 of the 0.5 threshold (float rounding may cross it there).
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import ROOT, build_tiny_sdseg, parse_configs
 
-from scripts.export import SingleStepSegmenter, main, save_onnx
 from scripts.sampler import SDSegInferer
+from scripts.tools.export import SingleStepSegmenter, main, save_onnx
 
 TOL = 1e-4
 SIZE = 64  # the tiny preset's image_size
@@ -48,7 +48,7 @@ def eager_score(network, images) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(network, tmp_path_factory):
-    """``python -m scripts.export --config_file [inference, tiny] --ckpt_dir <tmp>`` (torch_export, masks)."""
+    """``python -m scripts.tools.export --config_file [inference, tiny] --ckpt_dir <tmp>`` (torch_export, masks)."""
     ckpt_dir = tmp_path_factory.mktemp("ckpt")
     torch.save(network.state_dict(), ckpt_dir / "model.pt")
     out = ckpt_dir / "export" / "sdseg.pt2"

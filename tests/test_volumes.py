@@ -12,7 +12,7 @@ from conftest import parse_configs, run_bundle
 from monai.transforms import Compose, Invertd, RepeatChanneld
 
 from scripts.data import DatasetError
-from scripts.demo_data import _orient, make_ct_volume, save_volume
+from scripts.tools.demo_data import _orient, make_ct_volume, save_volume
 from scripts.volumes import (
     TRANSUNET8,
     Foregroundd,

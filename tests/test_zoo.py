@@ -19,8 +19,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from scripts.bundle_check import LARGE_FILE_KEYS, check_large_files
-from scripts.bundle_check import main as bundle_check_main
+from scripts.tools.bundle_check import LARGE_FILE_KEYS, check_large_files
+from scripts.tools.bundle_check import main as bundle_check_main
 
 SCHEMA = ROOT / "tests" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"

@@ -1,6 +1,6 @@
 """Export the single-step segmenter for deployment: ``torch.export`` (``.pt2``) or ONNX (``.onnx``).
 
-    python -m scripts.export --config_file "['configs/inference.yaml','configs/tiny.yaml']" \
+    python -m scripts.tools.export --config_file "['configs/inference.yaml','configs/tiny.yaml']" \
         --format torch_export --output models/sdseg.pt2        # or: --format onnx --output models/sdseg.onnx
 
 The weights come from ``<ckpt_dir>/model.pt`` (``--ckpt_file`` to change); any other ``--key value`` overrides
@@ -165,7 +165,7 @@ def _check(model: SingleStepSegmenter, path: Path, fmt: str) -> str:
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(
-        prog="python -m scripts.export",
+        prog="python -m scripts.tools.export",
         description="Export SDSeg's single-step segmenter (image batch -> mask batch) with torch.export or to ONNX. "
         "Extra --key value pairs override the config, as in `python -m monai.bundle run`.",
     )

@@ -1,6 +1,6 @@
 """Model-zoo checks on the bundle's own files: ``large_files.yml``.
 
-    python -m scripts.bundle_check            # checks ./large_files.yml; exit status 1 with the reason on error
+    python -m scripts.tools.bundle_check            # checks ./large_files.yml; exit status 1 with the reason on error
 
 Each entry must have exactly the keys ``path``, ``url``, ``hash_val`` and ``hash_type`` (what
 ``python -m monai.bundle download_large_files`` reads), a relative ``path`` that stays inside the bundle,
@@ -9,6 +9,7 @@ an empty or http(s) ``url``, and a hash type MONAI knows when a hash is given.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -85,8 +86,9 @@ def check_large_files(path: str | os.PathLike = "large_files.yml") -> list[dict]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv else "large_files.yml"
+    parser = argparse.ArgumentParser(prog="python -m scripts.tools.bundle_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", default="large_files.yml", help="default: ./large_files.yml")
+    path = parser.parse_args(argv).path
     try:
         entries = check_large_files(path)
     except ValueError as e:

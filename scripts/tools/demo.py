@@ -1,4 +1,4 @@
-"""The whole job on generated data, tiny preset, CPU: ``python -m scripts.demo``.
+"""The whole job on generated data, tiny preset, CPU: ``python -m scripts.tools.demo``.
 
 Runs, as separate ``python -m monai.bundle run ...`` commands (printed as they start, so they can be
 copied): demo data -> mask autoencoder stage -> SDSeg training -> evaluation on the test split,
@@ -13,9 +13,8 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts.bundle_config import ROOT
 
 
 def bundle(run_id: str, configs: list[str], *args: str) -> list[str]:
@@ -30,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     data = ["--dataset", args.dataset]
     steps = [
-        ("demo data", [sys.executable, "-m", "scripts.demo_data", "--out", "data/demo", "--n", str(args.n)]),
+        ("demo data", [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo", "--n", str(args.n)]),
         ("mask autoencoder", bundle("training", ["train.yaml", "train_autoencoder.yaml", "tiny.yaml"], *data)),
         ("SDSeg training", bundle("training", ["train.yaml", "tiny.yaml"], *data)),
         ("evaluation", bundle("evaluate", ["inference.yaml", "evaluate.yaml", "tiny.yaml"], *data)),

@@ -1,4 +1,4 @@
-"""Speed and memory of SDSeg, measured in one run: ``python -m scripts.benchmark --preset tiny``.
+"""Speed and memory of SDSeg, measured in one run: ``python -m scripts.tools.benchmark --preset tiny``.
 
 Prints a table and writes JSON (``--out``): per-stage time per slice (vision encoder, U-Net, mask
 decoder), bare single-step throughput, end-to-end throughput of the real inference workflow on a demo
@@ -22,9 +22,9 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from scripts.bundle_config import parse_configs
-from scripts.demo_data import write_demo_datasets
 from scripts.io_utils import atomic_write_json
 from scripts.sampler import SDSegInferer
+from scripts.tools.demo_data import write_demo_datasets
 
 
 def _sync(device: torch.device) -> None:

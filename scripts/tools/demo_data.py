@@ -1,6 +1,6 @@
 """Synthetic demo datasets written in each real dataset's release layout.
 
-``python -m scripts.demo_data --out data/demo`` writes ``cvc/``, ``kvasir/`` and ``refuge2/``
+``python -m scripts.tools.demo_data --out data/demo`` writes ``cvc/``, ``kvasir/`` and ``refuge2/``
 folders that the loaders in :mod:`scripts.data` read exactly like the real releases:
 
 * CVC-ClinicDB: ``Original/<n>.png`` and ``Ground Truth/<n>.png`` (polyp-like blobs on a
@@ -10,7 +10,7 @@ folders that the loaders in :mod:`scripts.data` read exactly like the real relea
 * REFUGE2: ``images/<name>.png`` and ``masks/<name>.png`` with the original disc map values
   (0 cup, 128 disc, 255 background); names starting with ``T`` form the test split.
 
-``python -m scripts.demo_data --out data/demo --3d`` writes the 3D sets instead (small CT volumes in HU, int16,
+``python -m scripts.tools.demo_data --out data/demo --3d`` writes the 3D sets instead (small CT volumes in HU, int16,
 anisotropic spacing, non-identity affines, some stored flipped, transposed or slightly rotated, so that
 reorientation and restacking are exercised), read by :mod:`scripts.volumes`:
 

@@ -1,4 +1,4 @@
-"""SDSeg beside a plain MONAI UNet given the same compute: ``python -m scripts.compare --dataset kvasir ...``.
+"""SDSeg beside a plain MONAI UNet given the same compute: ``python -m scripts.tools.compare --dataset kvasir ...``.
 
 1. Trains SDSeg as a user would (``python -m monai.bundle run training``: the mask autoencoder stage, unless
    ``--autoencoder_path`` gives one, then SDSeg) with the ``--configs`` overlays (preset last) and any
