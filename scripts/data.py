@@ -42,6 +42,7 @@ from PIL import Image
 __all__ = [
     "LAYOUTS",
     "DatasetError",
+    "natural_key",
     "make_datalist",
     "read_split_file",
     "check_foreground",
@@ -72,7 +73,8 @@ class DatasetError(ValueError):
     """Bad dataset input: the message names the file and the problem."""
 
 
-def _natural_key(name: str):
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: ``img2`` before ``img10``."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
@@ -94,7 +96,7 @@ def split_names(
     dataset: str, names: list[str], val_fraction: float = 0.1, test_fraction: float = 0.1
 ) -> dict[str, list[str]]:
     """The deterministic train/val/test split of ``names`` (see the module docstring)."""
-    names = sorted(names, key=_natural_key)
+    names = sorted(names, key=natural_key)
     if dataset == "refuge2":
         test = [n for n in names if n.startswith("T")]
         rest = [n for n in names if not n.startswith("T")]
@@ -188,7 +190,7 @@ def make_datalist(
     images, masks = _images_in(root / image_dir), _images_in(root / mask_dir)
     for missing, have, kind in ((set(images) - set(masks), images, "mask"), (set(masks) - set(images), masks, "image")):
         if missing:
-            example = have[sorted(missing, key=_natural_key)[0]]
+            example = have[sorted(missing, key=natural_key)[0]]
             raise DatasetError(f"{example}: no matching {kind} ({len(missing)} file(s) without a {kind})")
     if split_file:
         splits = read_split_file(split_file, images, root / image_dir)
@@ -236,7 +238,7 @@ def check_batches(loader, dataset_dir: str | os.PathLike = "") -> int:
 def image_list(input_dir: str) -> list[dict]:
     """``[{"image": path, "name": stem}, ...]`` for every image file in ``input_dir`` (sorted by name)."""
     images = _images_in(Path(input_dir))
-    return [{"image": str(images[n]), "name": n} for n in sorted(images, key=_natural_key)]
+    return [{"image": str(images[n]), "name": n} for n in sorted(images, key=natural_key)]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Training iterations for MONAI's ``SupervisedTrainer`` (``iteration_update``) and checkpoint helpers.
+"""Training iterations for MONAI's ``SupervisedTrainer`` (``iteration_update``).
 
 * :class:`SDSegTrainStep`: the SDSeg step: frozen-autoencoder mask latent, random t and noise,
   U-Net on ``cat(z_t, z_c)``, ``L = L1(n~, n) + lambda * L1(z~0, z0)``.
@@ -8,23 +8,15 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
-import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver, from_engine
 from monai.inferers import Inferer
 
-from scripts.checkpoints import AtomicDiskSaver
-from scripts.io_utils import remove_stale_temporaries
 from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
 
 logger = logging.getLogger(__name__)
@@ -34,11 +26,7 @@ __all__ = [
     "latent_std",
     "AutoencoderTrainStep",
     "ReconstructionInferer",
-    "lr_schedule",
     "masks_as_inputs",
-    "AtomicCheckpointSaver",
-    "ProgressBar",
-    "latest_checkpoint",
 ]
 
 
@@ -186,92 +174,7 @@ class ReconstructionInferer(Inferer):
         return ae_output_to_score(network.reconstruct(mask_to_ae_input(inputs)))
 
 
-def lr_schedule(
-    optimizer: torch.optim.Optimizer, total_iterations: int, warmup_iterations: int = 0, decay: str = "none"
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration learning-rate factor: linear warm-up over ``warmup_iterations`` (the authors' code
-    uses 10k), then constant (``decay="none"``, the paper) or cosine down to 0 at ``total_iterations``."""
-    if decay not in ("none", "cosine"):
-        raise ValueError(f"lr decay must be 'none' or 'cosine', got {decay!r}")
-
-    def factor(it: int) -> float:
-        if it < warmup_iterations:
-            return (it + 1) / warmup_iterations
-        if decay == "none":
-            return 1.0
-        progress = min(1.0, (it - warmup_iterations) / max(1, total_iterations - warmup_iterations))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def masks_as_inputs(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
     """``prepare_batch`` for the autoencoder's validation: the mask is both input and target."""
     mask = batchdata["label"].to(device=device, non_blocking=non_blocking)
     return mask, mask
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` whose files survive a kill at any moment: each is written completely (temporary
-    file, fsync, rename; :class:`scripts.checkpoints.AtomicDiskSaver`) before the file it replaces goes, so there
-    is always a complete ``model.pt`` (once one was written) and a complete last checkpoint.
-
-    ``n_saved`` interval checkpoints are kept: after each save the older ones of the same name pattern are removed,
-    including those a resumed run started from, and any with a larger number, which an earlier run left (they
-    would shadow this run's on ``--resume``). Stale temporaries of killed runs in ``save_dir`` are removed at once.
-    """
-
-    def __init__(self, save_dir: str, save_dict: dict, *args, n_saved: int | None = None, **kwargs):
-        super().__init__(save_dir, save_dict, *args, n_saved=None, **kwargs)  # pruning is done here, after saving
-        self.keep = n_saved
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is not None:
-                ckpt.save_handler = AtomicDiskSaver(save_dir, ckpt.save_handler.filename)
-        remove_stale_temporaries(save_dir)
-        for path in sorted(Path(save_dir).glob("tmp????????")):  # ignite's atomic saves of earlier versions
-            if path.is_file():
-                self.logger.warning(
-                    f"{path}: {path.stat().st_size / 1e6:.0f} MB left by an interrupted save; delete it"
-                )
-
-    def interval_completed(self, engine) -> None:
-        super().interval_completed(engine)
-        saved = self._interval_checkpoint._saved
-        m = re.fullmatch(r"(.+=)(\d+)\.pt", saved[-1].filename) if saved else None
-        if m is None:
-            return
-        current = int(m[2])
-        found = sorted(
-            (int(n[1]), path)
-            for path in Path(self.save_dir).glob(glob.escape(m[1]) + "*.pt")
-            if (n := re.fullmatch(re.escape(m[1]) + r"(\d+)\.pt", path.name))
-        )
-        older = [path for n, path in found if n < current]
-        stale = [path for n, path in found if n > current]
-        remove = stale + (older[: max(0, len(older) - (self.keep - 1))] if self.keep else [])
-        for path in remove:
-            path.unlink(missing_ok=True)
-        if stale:
-            self.logger.info(f"removed {len(stale)} later-numbered checkpoint(s) of an earlier run: {stale}")
-
-
-class ProgressBar(_IgniteProgressBar):
-    """ignite's tqdm progress bar (with the running loss when ``show_loss``); ``attach(engine)`` as MONAI handlers do.
-    Shown on a terminal only (tqdm ``disable=None``), so logs and CI output keep just the log lines."""
-
-    def __init__(self, show_loss: bool = True, **kwargs):
-        kwargs.setdefault("disable", None)
-        super().__init__(**kwargs)
-        self.show_loss = show_loss
-
-    def attach(self, engine, *args, **kwargs):
-        transform = (lambda out: {"loss": float(from_engine(["loss"], first=True)(out))}) if self.show_loss else None
-        super().attach(engine, output_transform=transform)
-
-
-def latest_checkpoint(ckpt_dir: str, prefix: str = "sdseg") -> str:
-    """The newest ``{prefix}_checkpoint_epoch=N.pt`` that ``CheckpointSaver`` wrote in ``ckpt_dir`` (``--resume``)."""
-    found = glob.glob(os.path.join(glob.escape(ckpt_dir), f"{prefix}_checkpoint_epoch=*.pt"))
-    if not found:
-        raise FileNotFoundError(f"{ckpt_dir}: no '{prefix}_checkpoint_epoch=N.pt' checkpoint to resume from")
-    return max(found, key=lambda p: int(re.findall(r"=(\d+)\.pt$", p)[0]))

@@ -1,80 +1,31 @@
-"""Evaluation beyond one Dice figure: stability under different noise (paper Sec. 3.3, Table 5, Appendix A)
-and the reverse-process sweep (Table 4, Figure 3).
+"""Evaluation beyond one Dice figure: the bundle's own MONAI ``SupervisedEvaluator`` (``configs/inference.yaml``)
+run several times on the same trained model, its :class:`~scripts.sampler.SDSegInferer` swapped between runs
+(:func:`run_with_inferer`), and the reverse-process sweep (paper Table 4, Figure 3).
 
-Both drive the bundle's own MONAI ``SupervisedEvaluator`` (``configs/inference.yaml``) several times on the
-same trained model, swapping its :class:`~scripts.sampler.SDSegInferer` between runs, and collect the
-outputs by image file name: runs are paired by name, never by the order files were listed or loaded.
-
-* :class:`StabilityEvaluation` (run id ``stability``): M runs with seeds ``seed, seed + 1, ...``; every run
-  is compared with the first one. Instance level: PSNR, SSIM and MS-SSIM (MONAI metrics, data range 1) per
-  image between the first and each other run, on the binary masks ("Seg") and on the probability maps
-  ("Score") at the network's resolution, averaged per image and then over images. Dataset level: LPIPS
-  between each run's predictions and the first run's (mean over images, then over runs), with the
-  ``lpips`` package when its backbone weights are on disk; otherwise reported as unavailable.
 * :class:`ReverseSweep` (run id ``reverse_sweep``): the evaluation (``configs/evaluate.yaml``: per-image
   Dice/IoU at each image's own resolution) once per ``steps x samples`` setting, with the time spent
   inside the inferer as slices/s.
+* The stability evaluation (Table 5) is in :mod:`scripts.stability`.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import importlib.metadata
-import io
 import logging
-import math
-import os
 import time
-import warnings
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
 from monai.inferers import Inferer
-from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
-from scripts.io_utils import atomic_write_json, atomic_write_text
-from scripts.metrics import summarise
+from scripts.io_utils import atomic_write_csv, atomic_write_json, json_safe
+from scripts.metrics import format_table, summarise
 from scripts.sampler import SDSegInferer
 
-__all__ = [
-    "OutputCollector",
-    "run_with_inferer",
-    "ms_ssim_settings",
-    "load_lpips",
-    "StabilityAccumulator",
-    "StabilityEvaluation",
-    "ReverseSweep",
-]
+__all__ = ["run_with_inferer", "ReverseSweep"]
 
 logger = logging.getLogger(__name__)
-
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # MONAI's (and Wang et al.'s) 5 scales
-KINDS = ("seg", "score")
-INSTANCE_METRICS = ("psnr", "ssim", "ms_ssim")
-
-
-# ---- running the evaluator ---------------------------------------------------------------------
-class OutputCollector:
-    """Evaluator handler: ``outputs = {image file name: output[key] on the CPU}`` of the latest run."""
-
-    def __init__(self, key: str = "pred", name_key: str = "image"):
-        self.key, self.name_key = key, name_key
-        self.outputs: dict[str, torch.Tensor] = {}
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.outputs.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-
-    def iteration_completed(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            name = Path(str(item[self.name_key].meta["filename_or_obj"])).name
-            if name in self.outputs:
-                raise ValueError(f"two inputs named {name}: runs are paired by file name, names must be unique")
-            self.outputs[name] = torch.as_tensor(item[self.key]).detach().float().cpu()
 
 
 class _TimedInferer(Inferer):
@@ -122,281 +73,11 @@ def run_with_inferer(evaluator, sampler: SDSegInferer) -> tuple[float, int]:
     return timed.seconds, timed.slices
 
 
-# ---- stability ---------------------------------------------------------------------------------
-def ms_ssim_settings(
-    size: int, kernel_size: int = 11, weights: Sequence[float] = MS_SSIM_WEIGHTS
-) -> tuple[int, tuple[float, ...], str]:
-    """MS-SSIM kernel and scale weights that fit images whose smaller side is ``size`` px.
-
-    MONAI's ``MultiScaleSSIMMetric`` needs ``size // (scales - 1) ** 2 > kernel_size - 1`` (5 scales with
-    kernel 11: more than 160 px). Smaller images drop the coarsest scales (the remaining weights renormalised
-    to sum to 1), then shrink the kernel. Returns ``(kernel_size, weights, note)``; the note is empty when
-    the standard setting fits, and otherwise says what was used.
-    """
-
-    def fits(n: int, k: int) -> bool:
-        return size // max(1, n - 1) ** 2 > k - 1 and size // 2 ** (n - 1) >= k
-
-    n = next((n for n in range(len(weights), 0, -1) if fits(n, kernel_size)), 0)
-    kernel = kernel_size
-    if n == 0:  # not even one scale: the largest odd kernel that fits
-        n, kernel = 1, max(1, size - 1 if size % 2 == 0 else size)
-    used = tuple(w / sum(weights[:n]) for w in weights[:n]) if n < len(weights) else tuple(weights)
-    note = ""
-    if n < len(weights) or kernel != kernel_size:
-        note = (
-            f"MS-SSIM on {size} px images: {n} scale(s) (weights {', '.join(f'{w:.4f}' for w in used)}) and "
-            f"kernel {kernel}, since {len(weights)} scales with kernel {kernel_size} need images larger than "
-            f"{(kernel_size - 1) * (len(weights) - 1) ** 2} px"
-        )
-    return kernel, used, note
-
-
-def load_lpips(net: str | None = "alex", pnet_rand: bool = False):
-    """``(lpips.LPIPS model or None, status)``. The model is built only when its torchvision backbone weights
-    are already in the torch hub cache (nothing is downloaded); ``pnet_rand=True`` builds it with a random
-    backbone, which measures nothing meaningful: for tests only."""
-    if not net or str(net).lower() == "none":
-        return None, "unavailable: switched off (lpips_net: none)"
-    try:
-        import lpips
-        import torchvision.models as tvm
-    except ImportError as e:
-        return None, f"unavailable: {e}"
-    weights = {"alex": tvm.AlexNet_Weights, "vgg": tvm.VGG16_Weights, "squeeze": tvm.SqueezeNet1_1_Weights}
-    if net not in weights:
-        raise ValueError(f"lpips_net must be one of {sorted(weights)} or none, got {net!r}")
-    if not pnet_rand:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights[net].IMAGENET1K_V1.url)
-        if not cached.is_file():
-            return None, f"unavailable: {net} backbone weights not found at {cached} (offline; nothing is downloaded)"
-    with warnings.catch_warnings():  # lpips 0.1.4 uses torchvision's deprecated `pretrained=` argument
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(net=net, pnet_rand=pnet_rand, verbose=False).eval().requires_grad_(False)
-    version = importlib.metadata.version("lpips")
-    return model, f"lpips {version}, {net}" + (" with a RANDOM backbone (tests only)" if pnet_rand else "")
-
-
-class StabilityAccumulator:
-    """Stability of M runs against the first one. ``add(run)`` once per run, with ``{name: score map
-    (1, H, W) or (1, H, W, D) in [0, 1]}``; the first call sets the reference. Masks ("seg") are
-    ``score > threshold``. Maps of different sizes are fine (each name keeps its size across runs).
-
-    Args:
-        psnr_cap: identical maps have PSNR = inf; values are capped at this many dB (``None``: keep inf,
-            and any identical pair makes the mean inf). The number of identical pairs is reported either way.
-        lpips_net: ``alex`` | ``vgg`` | ``squeeze`` | ``none``; see :func:`load_lpips`.
-        lpips_pnet_rand: random LPIPS backbone (tests only).
-        chunk: images per metric call.
-    """
-
-    def __init__(
-        self,
-        psnr_cap: float | None = 100.0,
-        lpips_net: str | None = "alex",
-        lpips_pnet_rand: bool = False,
-        threshold: float = 0.5,
-        ms_ssim_kernel: int = 11,
-        chunk: int = 64,
-    ):
-        self.psnr_cap = None if psnr_cap is None else float(psnr_cap)
-        self.threshold, self.ms_ssim_kernel, self.chunk = float(threshold), int(ms_ssim_kernel), int(chunk)
-        self.lpips, self.lpips_status = load_lpips(lpips_net, lpips_pnet_rand)
-        self.reference: dict[str, torch.Tensor] | None = None
-        self.sums: dict[str, dict[str, float]] = {}  # name -> "psnr_seg" ... -> sum over runs
-        self.identical = dict.fromkeys(KINDS, 0)
-        self.lpips_runs: dict[str, list[float]] = {k: [] for k in KINDS}
-        self.num_runs = 0
-        self.ms_ssim_note = ""
-
-    def add(self, run: Mapping[str, torch.Tensor]) -> None:
-        run = {name: torch.as_tensor(v).detach().float().cpu() for name, v in run.items()}
-        if self.reference is None:
-            if not run:
-                raise ValueError("stability: the first run produced no predictions")
-            self.reference, self.num_runs = run, 1
-            dims = {v.ndim - 1 for v in run.values()}
-            if len(dims) != 1 or not dims <= {2, 3}:
-                raise ValueError(f"stability expects (1, H, W) or (1, H, W, D) maps, got {sorted(dims)} spatial dims")
-            self.spatial_dims = dims.pop()
-            size = min(min(v.shape[1:]) for v in run.values())
-            self.kernel, self.weights, self.ms_ssim_note = ms_ssim_settings(size, self.ms_ssim_kernel)
-            sd = self.spatial_dims
-            self.metrics = {
-                "psnr": PSNRMetric(max_val=1.0, reduction="none"),
-                "ssim": SSIMMetric(spatial_dims=sd, data_range=1.0, reduction="none"),
-                "ms_ssim": MultiScaleSSIMMetric(
-                    spatial_dims=sd, data_range=1.0, kernel_size=self.kernel, weights=self.weights, reduction="none"
-                ),
-            }
-            return
-        missing, extra = sorted(set(self.reference) - set(run)), sorted(set(run) - set(self.reference))
-        if missing or extra:
-            raise ValueError(
-                f"run {self.num_runs + 1} does not cover the first run's images: missing {missing}, extra {extra}"
-            )
-        names = sorted(self.reference)
-        lpips_sums = dict.fromkeys(KINDS, 0.0)
-        groups = defaultdict(list)  # metrics run on stacks of equally sized maps
-        for n in names:
-            if run[n].shape != self.reference[n].shape:
-                raise ValueError(
-                    f"{n}: size {tuple(run[n].shape)} differs from the first run's {tuple(self.reference[n].shape)}"
-                )
-            groups[tuple(run[n].shape)].append(n)
-        chunks = [g[i : i + self.chunk] for g in groups.values() for i in range(0, len(g), self.chunk)]
-        for part in chunks:
-            ref = torch.stack([self.reference[n] for n in part])
-            other = torch.stack([run[n] for n in part])
-            for kind, (a, b) in zip(KINDS, (self._seg(ref, other), (ref, other))):
-                self.identical[kind] += int(sum(torch.equal(x, y) for x, y in zip(a, b)))
-                for metric, fn in self.metrics.items():
-                    values = fn(b, a).view(-1)
-                    fn.reset()
-                    if metric == "psnr" and self.psnr_cap is not None:
-                        values = values.clamp(max=self.psnr_cap)
-                    for name, v in zip(part, values.tolist()):
-                        row = self.sums.setdefault(name, {})
-                        row[f"{metric}_{kind}"] = row.get(f"{metric}_{kind}", 0.0) + v
-                if self.lpips is not None:
-                    lpips_sums[kind] += self._lpips(a, b)
-        if self.lpips is not None:
-            for kind in KINDS:
-                self.lpips_runs[kind].append(lpips_sums[kind] / len(names))
-        self.num_runs += 1
-
-    def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Sum over the batch of LPIPS(a, b); (B, 1, H, W) maps in [0, 1] as 3 channels; volumes slice by slice
-        along the last axis (a volume's value: the mean over its slices)."""
-        depth = 1
-        if a.ndim == 5:
-            depth = a.shape[-1]
-            a, b = (x.permute(0, 4, 1, 2, 3).reshape(-1, *x.shape[1:4]) for x in (a, b))
-        with torch.no_grad():  # normalize=True: the package maps [0, 1] to its [-1, 1] input
-            d = self.lpips(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1), normalize=True)
-        return float(d.sum()) / depth
-
-    def _seg(self, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple((m > self.threshold).float() for m in maps)
-
-    def per_image(self) -> list[dict]:
-        """One row per image: each metric averaged over the runs compared with the first."""
-        pairs, columns = max(1, self.num_runs - 1), [f"{m}_{k}" for m in INSTANCE_METRICS for k in KINDS]
-        return [{"name": n, **{c: self.sums[n][c] / pairs for c in columns}} for n in sorted(self.sums)]
-
-    def result(self, method: str = "SDSeg") -> dict:
-        """The Table 5 row (``table``), its spread (``summary``), per-image rows and the notes."""
-        if self.num_runs < 2:
-            raise ValueError("stability needs at least 2 runs")
-        rows = self.per_image()
-        columns = tuple(f"{m}_{k}" for m in INSTANCE_METRICS for k in KINDS)
-        summary = summarise(rows, columns)
-        for kind in KINDS:
-            runs = self.lpips_runs[kind]
-            mean = sum(runs) / len(runs) if runs else float("nan")
-            std = math.sqrt(sum((v - mean) ** 2 for v in runs) / len(runs)) if runs else float("nan")
-            summary[f"lpips_{kind}"] = {"mean": mean, "std": std, "n": len(runs)}
-        order = [f"lpips_{k}" for k in KINDS] + list(columns)
-        table = {"method": method, **{c: summary[c]["mean"] for c in order}}
-        pairs = len(rows) * (self.num_runs - 1)
-        notes = {
-            "runs": self.num_runs,
-            "images": len(rows),
-            "lpips": self.lpips_status,
-            "ms_ssim": self.ms_ssim_note or f"{len(self.weights)} scales, kernel {self.kernel}",
-            "psnr_cap_db": self.psnr_cap,
-            "identical_pairs": {k: f"{v} of {pairs}" for k, v in self.identical.items()},
-        }
-        return {"table": table, "summary": {c: summary[c] for c in order}, "notes": notes, "per_image": rows}
-
-
-def format_table(rows: list[dict], columns: Sequence[str], digits: int = 4) -> str:
-    """A Markdown table of ``rows`` (floats rounded to ``digits``; NaN shown as n/a)."""
-
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _json_safe(obj):
-    """NaN -> None and inf -> "inf", so the JSON files stay strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-class StabilityEvaluation:
-    """Run ``evaluator`` ``num_runs`` times with noise seeds ``seed + m`` and report Table 5.
-
-    Writes ``<output_dir>/stability.csv`` (the table row), ``stability.json`` (mean, std, n of each column and
-    the notes) and ``stability_per_image.csv``, atomically, and prints the table. The evaluator's
-    ``pred`` must be the probability map at the network's resolution (no post-processing).
-    """
-
-    def __init__(
-        self,
-        evaluator,
-        output_dir: str,
-        num_runs: int = 10,
-        seed: int = 0,
-        num_steps: int = 1,
-        num_samples: int = 1,
-        psnr_cap: float | None = 100.0,
-        lpips_net: str | None = "alex",
-        lpips_pnet_rand: bool = False,
-        threshold: float = 0.5,
-    ):
-        if num_runs < 2:
-            raise ValueError(f"stability needs num_runs >= 2, got {num_runs}")
-        self.evaluator, self.output_dir = evaluator, Path(output_dir)
-        self.num_runs, self.seed, self.num_steps, self.num_samples = int(num_runs), int(seed), num_steps, num_samples
-        self.accumulator_args = dict(
-            psnr_cap=psnr_cap, lpips_net=lpips_net, lpips_pnet_rand=lpips_pnet_rand, threshold=threshold
-        )
-        self.collector = OutputCollector("pred")
-        self.collector.attach(evaluator)
-
-    def run(self) -> dict:
-        acc = StabilityAccumulator(**self.accumulator_args)
-        for m in range(self.num_runs):
-            run_with_inferer(self.evaluator, SDSegInferer(self.num_steps, self.num_samples, self.seed + m))
-            acc.add(self.collector.outputs)
-        result = acc.result(method=f"SDSeg {self.num_steps}x{self.num_samples}")
-        _write_csv(self.output_dir / "stability.csv", [result["table"]])
-        _write_csv(self.output_dir / "stability_per_image.csv", result["per_image"])
-        atomic_write_json(
-            self.output_dir / "stability.json", _json_safe({k: result[k] for k in ("table", "summary", "notes")})
-        )
-        text = format_table([result["table"]], list(result["table"]))
-        notes = "\n".join(f"  {k}: {v}" for k, v in result["notes"].items())
-        seeds = f"seeds {self.seed}..{self.seed + self.num_runs - 1}"
-        print(f"stability over {self.num_runs} runs ({seeds}):\n{text}\n{notes}")
-        logger.info(f"stability -> {self.output_dir / 'stability.json'}")
-        return result
-
-
 # ---- reverse-process sweep -----------------------------------------------------------------------
 class ReverseSweep:
     """Evaluate the same model with each ``(steps, samples)`` setting: Dice/IoU and slices/s in one table.
 
-    ``report`` is the evaluator's :class:`~scripts.metrics.SegmentationReport`; each setting writes its
+    ``report`` is the evaluator's :class:`~scripts.handlers.SegmentationReport`; each setting writes its
     per-image table under ``<output_dir>/steps<N>_samples<K>/``. ``n`` counts cases (images or volumes),
     ``slices`` the 2D slices segmented; slices/s counts only the time inside the 2D reverse process
     (encoder, U-Net steps, decoder), not loading, resampling or writing.
@@ -427,8 +108,8 @@ class ReverseSweep:
                     "slices_per_s": slices / seconds if seconds > 0 else float("nan"),
                 }
             )
-        _write_csv(self.output_dir / "reverse_sweep.csv", rows)
-        atomic_write_json(self.output_dir / "reverse_sweep.json", _json_safe(rows))
+        atomic_write_csv(self.output_dir / "reverse_sweep.csv", rows)
+        atomic_write_json(self.output_dir / "reverse_sweep.json", json_safe(rows))
         print("reverse-process sweep (steps x samples):\n" + format_table(rows, list(rows[0]), digits=4))
         logger.info(f"reverse sweep -> {self.output_dir / 'reverse_sweep.json'}")
         return rows

@@ -1,27 +1,19 @@
-"""Pictures, drawn with PIL (no plotting library): a per-case grid from the evaluation and training curves.
+"""Pictures, drawn with PIL (no plotting library).
 
-* :class:`CaseFigures` (evaluator handler, wired in ``configs/evaluate.yaml``): for the first ``num_cases``
-  test cases, one row each of image | ground truth | prediction | probability map with the case's Dice in
-  the caption -> ``<output_dir>/cases.png``. It keeps only those cases, so it stays out of the hot path.
-* :func:`training_curves`: training loss and validation Dice from the TensorBoard logs (``eval/logs``)
-  -> a PNG; ``python -m scripts.figures --log_dir eval/logs --out eval/figures/training_curves.png``.
+* :func:`case_grid`: one row per case of image | ground truth | prediction | probability map with the case's
+  Dice in the caption (drawn by :class:`scripts.handlers.CaseFigures` -> ``cases.png``).
+* :func:`line_chart`: a line chart, for the training curves of ``python -m scripts.tools.figures``.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from PIL import Image, ImageDraw
 
-from scripts.io_utils import atomic_save_image
-from scripts.metrics import dice_iou
-
-__all__ = ["CaseFigures", "case_grid", "training_curves", "read_scalars"]
+__all__ = ["case_grid", "line_chart"]
 
 COLUMNS = ("image", "ground truth", "prediction", "probability")
 CAPTION = 14  # px of caption strip
@@ -57,50 +49,7 @@ def case_grid(cases: Sequence[dict], height: int = 128) -> np.ndarray:
     return np.concatenate([np.asarray(header)] + rows, axis=0)
 
 
-class CaseFigures:
-    """Evaluator handler: :func:`case_grid` of the first ``num_cases`` cases -> ``<output_dir>/cases.png``.
-
-    Needs ``image``, ``label``, ``pred`` (binary) and ``score`` (probability map) in the decollated output,
-    as ``configs/evaluate.yaml`` produces them (``pred``/``score`` at the label's resolution).
-    """
-
-    def __init__(self, output_dir: str, num_cases: int = 4, height: int = 128):
-        self.output_dir, self.num_cases, self.height = Path(output_dir), int(num_cases), int(height)
-        self.cases: list[dict] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.cases.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    def iteration_completed(self, engine: Engine) -> None:
-        for item in engine.state.output[: max(0, self.num_cases - len(self.cases))]:
-            if item["pred"].ndim != 3:  # 2D cases only
-                continue
-            pred, label = item["pred"].detach().cpu(), item["label"].detach().cpu()
-            name = Path(str(item["image"].meta["filename_or_obj"])).name
-            keep = {k: item[k].detach().cpu() for k in ("image", "score")}
-            self.cases.append({"name": name, "dice": dice_iou(pred, label)[0], "label": label, "pred": pred, **keep})
-
-    def completed(self, engine: Engine) -> None:
-        if self.cases:
-            atomic_save_image(self.output_dir / "cases.png", case_grid(self.cases, self.height))
-
-
-def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` of every scalar in the TensorBoard event files under ``log_dir``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return {tag: sorted(points) for tag, points in out.items()}
-
-
-def _chart(
+def line_chart(
     points: list[tuple[int, float]], title: str, xlabel: str, size=(420, 300), smooth: float = 0.0
 ) -> Image.Image:
     """A line chart of ``points`` (light raw line; dark exponential moving average when ``smooth`` > 0)."""
@@ -143,27 +92,3 @@ def _chart(
     draw.text((w - right - 40, h - bottom + 4), f"{x1:.0f}", fill="black")
     draw.text((left + (w - left - right) // 2 - 30, h - bottom + 18), xlabel, fill="black")
     return img
-
-
-def training_curves(log_dir: str, out: str, loss_tag: str = "train_loss", dice_tag: str = "val_mean_dice") -> Path:
-    """Training loss (per iteration, with a moving average) and validation Dice (per validation round,
-    one trainer epoch = ``val_interval`` iterations) side by side -> ``out`` (PNG)."""
-    scalars = read_scalars(log_dir)
-    if loss_tag not in scalars and dice_tag not in scalars:
-        raise FileNotFoundError(f"{log_dir}: no '{loss_tag}' or '{dice_tag}' scalars in TensorBoard event files")
-    left = _chart(scalars.get(loss_tag, []), f"training loss ({loss_tag})", "iteration", smooth=0.9)
-    right = _chart(scalars.get(dice_tag, []), f"validation Dice ({dice_tag})", "validation round (epoch)")
-    atomic_save_image(out, np.concatenate([np.asarray(left), np.asarray(right)], axis=1))
-    return Path(out)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log_dir", default="eval/logs", help="TensorBoard log folder of the training run")
-    parser.add_argument("--out", default="eval/figures/training_curves.png")
-    args = parser.parse_args()
-    print(training_curves(args.log_dir, args.out))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,8 +7,11 @@ folder removes the temporaries of processes of this host that no longer run (:fu
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -28,6 +31,8 @@ __all__ = [
     "atomic_save_image",
     "atomic_write_text",
     "atomic_write_json",
+    "atomic_write_csv",
+    "json_safe",
     "remove_stale_temporaries",
     "SaveMaskd",
 ]
@@ -133,6 +138,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """``rows`` as a CSV table with a header (``columns``; default: the first row's keys), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns or rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def json_safe(obj):
+    """NaN -> None and inf -> "inf", so that JSON files stay strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
 
 
 class SaveMaskd(MapTransform):

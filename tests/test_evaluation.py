@@ -19,16 +19,12 @@ from monai.networks.nets.diffusion_model_unet import SpatialTransformer
 from PIL import Image
 from torch import nn
 
-from scripts.evaluation import (
-    OutputCollector,
-    StabilityAccumulator,
-    StabilityEvaluation,
-    load_lpips,
-    ms_ssim_settings,
-    run_with_inferer,
-)
-from scripts.figures import case_grid, training_curves
+from scripts.evaluation import run_with_inferer
+from scripts.figures import case_grid
+from scripts.handlers import OutputCollector
 from scripts.sampler import SDSegInferer
+from scripts.stability import StabilityAccumulator, StabilityEvaluation, load_lpips, ms_ssim_settings
+from scripts.tools.figures import training_curves
 
 ABLATIONS = {  # overlay -> (fusion, trainable encoder, lambda), paper Table 6 rows
     "ablation_crossattn_frozen.yaml": ("crossattn", False, 0.0),

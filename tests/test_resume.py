@@ -15,7 +15,7 @@ from conftest import build_tiny_sdseg, tiny_parser
 from ignite.engine import Engine, Events
 
 from scripts.bundle_config import parse_configs
-from scripts.engine import AtomicCheckpointSaver
+from scripts.handlers import AtomicCheckpointSaver
 from scripts.io_utils import atomic_path
 
 TRAIN = ["train.yaml", "tiny.yaml"]

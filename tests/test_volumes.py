@@ -13,16 +13,10 @@ from monai.transforms import Compose, Invertd, RepeatChanneld
 
 from scripts.data import DatasetError
 from scripts.tools.demo_data import _orient, make_ct_volume, save_volume
-from scripts.volumes import (
-    TRANSUNET8,
-    Foregroundd,
-    LoadCachedd,
-    SaveVolumed,
-    VolumeCacheDataset,
-    VolumeInferer,
-    make_datalist,
-    volume_transforms,
-)
+from scripts.volumes.cache import LoadCachedd, VolumeCacheDataset
+from scripts.volumes.datalist import TRANSUNET8, make_datalist
+from scripts.volumes.inference import SaveVolumed, VolumeInferer
+from scripts.volumes.transforms import Foregroundd, volume_transforms
 
 BTCV_WINDOW, STS_WINDOW = (-175, 250), (-100, 1100)
 
@@ -325,7 +319,7 @@ def dicom_twins(tmp_path_factory):
 
 
 def test_dicom_series_reads_like_its_nifti_twin(dicom_twins, tmp_path):
-    from scripts.volumes import _geometry
+    from scripts.volumes.reading import _geometry
 
     split = str(dicom_twins / "split.json")
     items = {k: make_datalist("sts3d", str(dicom_twins / k), "all", split_file=split) for k in ("dicom", "nifti")}

@@ -34,9 +34,9 @@ import torch
 import yaml
 
 from scripts.bundle_config import ROOT, parse_configs
-from scripts.evaluation import format_table, run_with_inferer
+from scripts.evaluation import run_with_inferer
 from scripts.io_utils import atomic_write_json, atomic_write_text
-from scripts.metrics import summarise
+from scripts.metrics import format_table, summarise
 from scripts.sampler import SDSegInferer
 
 __all__ = ["main", "run_stage", "evaluate"]
