@@ -8,6 +8,7 @@ from scripts import (  # noqa: F401
     io_utils,
     metrics,
     networks,
+    run_state,
     sampler,
     stability,
     volumes,

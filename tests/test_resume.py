@@ -321,7 +321,7 @@ def test_damaged_or_wrong_kind_of_model_file_is_named(tmp_path):
 
 
 def test_sampler_draws_as_random_sampler_and_resumes_part_way():
-    from scripts.checkpoints import ResumableRandomSampler
+    from scripts.run_state import ResumableRandomSampler
 
     data = list(range(10))
     torch.manual_seed(3)
