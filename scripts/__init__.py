@@ -1,6 +1,7 @@
 """SDSeg bundle code: configs import this package (``$import scripts``) and reach every module through it."""
 
 from scripts import (  # noqa: F401
+    autoencoder,
     data,
     engine,
     evaluation,
@@ -12,4 +13,5 @@ from scripts import (  # noqa: F401
     sampler,
     stability,
     volumes,
+    weights,
 )

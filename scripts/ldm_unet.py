@@ -5,7 +5,7 @@ up/down-sampling, a mid block with attention) but its res blocks add the time em
 LSUN-Churches U-Net, which SDSeg starts from, modulates them instead (``use_scale_shift_norm``: ``GroupNorm(h) *
 (1 + scale) + shift``, FiLM) and drops out before the last convolution (``dropout``). :class:`LDMUNet` is MONAI's
 U-Net with those res blocks swapped in; everything else, and every parameter name, is MONAI's, so the weights of an
-LDM / diffusers U-Net load through ``scripts.weights.load_unet_weights``.
+LDM / diffusers U-Net load through ``scripts.weights.unet.load_unet_weights``.
 """
 
 from __future__ import annotations

@@ -37,9 +37,10 @@ def ae_output_to_score(x: torch.Tensor) -> torch.Tensor:
 
 def load_autoencoder(autoencoder: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
     """Load mask-autoencoder weights into ``autoencoder``: the autoencoder stage's state dict, a file converted by
-    ``python -m scripts.weights convert``, or pretrained kl-f8 / SD VAE weights (CompVis ``.ckpt``, diffusers
-    ``.safetensors`` / ``.bin`` or model folder), which need ``autoencoder_layout: ldm`` (see scripts/weights.py)."""
-    from scripts.weights import load_kl_weights
+    ``python -m scripts.tools.convert_weights convert``, or pretrained kl-f8 / SD VAE weights (CompVis ``.ckpt``,
+    diffusers ``.safetensors`` / ``.bin`` or model folder), which need ``autoencoder_layout: ldm`` (see
+    scripts/weights/kl.py)."""
+    from scripts.weights.kl import load_kl_weights
 
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -83,7 +84,7 @@ class SDSeg(nn.Module):
         autoencoder_path: optional weights for ``autoencoder``, loaded before the vision encoder is copied
             from its encoder (so tau_theta starts from E's weights, as in the paper).
         unet_path: optional pretrained weights for ``unet`` (the paper: LDM's LSUN-Churches U-Net), its first
-            convolution zero-padded from 4 to 8 input channels (``scripts.weights.load_unet_weights``).
+            convolution zero-padded from 4 to 8 input channels (``scripts.weights.unet.load_unet_weights``).
         trainable_encoder: ``False`` freezes the vision encoder (ablation, paper Table 6).
         scale_factor: latent scale; ``0`` means "not set yet": the trainer sets ``1 / std(z)`` from the
             mask latents of 64 training masks before the first step (``scripts.engine.SDSegTrainStep``). Saved with
@@ -131,7 +132,7 @@ class SDSeg(nn.Module):
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         latent_channels = autoencoder.latent_channels
         if unet_path:
-            from scripts.weights import load_unet_weights
+            from scripts.weights.unet import load_unet_weights
 
             load_unet_weights(unet_path, unet)
         if fusion == "concat":

@@ -1,4 +1,4 @@
-"""The authors' U-Net (scripts/ldm_unet.py) and its pretrained start (scripts/weights.py), without any download.
+"""The authors' U-Net (scripts/ldm_unet.py) and its pretrained start (scripts/weights/unet.py), without any download.
 
 A randomly initialised diffusers ``UNet2DModel`` with the LSUN-Churches LDM structure (5 levels, attention on levels
 0-3 and in the mid block, 2 res blocks, res-block up/down-sampling, scale-shift time conditioning; narrower channels)
@@ -16,7 +16,7 @@ from monai.networks.nets import DiffusionModelUNet
 from test_weights import lightning_checkpoint
 
 from scripts.ldm_unet import LDMUNet, ScaleShiftResnetBlock
-from scripts.weights import convert_unet_state_dict, load_unet_weights, prepare_unet_state_dict
+from scripts.weights.unet import convert_unet_state_dict, load_unet_weights, prepare_unet_state_dict
 
 diffusers = pytest.importorskip("diffusers")  # requirements-dev.txt
 

@@ -1,4 +1,4 @@
-"""Pretrained KL autoencoder import (scripts/weights.py), without any download.
+"""Pretrained KL autoencoder import (scripts/weights/, scripts/autoencoder.py), without any download.
 
 A randomly initialised diffusers ``AutoencoderKL`` with the SD/kl-f8 structure (4 levels, 2 encoder / 3 decoder res
 blocks, mid attention, double_z, quant convs; narrower channels for speed) is saved as diffusers and as a CompVis
@@ -16,8 +16,10 @@ import torch
 from conftest import parse_configs
 from monai.networks.nets import AutoencoderKL
 
+from scripts.autoencoder import kl_autoencoder
 from scripts.networks import load_autoencoder
-from scripts.weights import convert_kl_state_dict, kl_autoencoder, load_kl_weights, main
+from scripts.tools.convert_weights import main
+from scripts.weights.kl import convert_kl_state_dict, load_kl_weights
 
 diffusers = pytest.importorskip("diffusers")  # requirements-dev.txt
 
