@@ -12,6 +12,7 @@ from scripts import (  # noqa: F401
     run_state,
     sampler,
     stability,
+    transforms,
     volumes,
     weights,
 )

@@ -1,8 +1,8 @@
 """2D datasets in their release layouts: file lists, deterministic splits, input checks, mask rules.
 
-The transform chains themselves are wired in the configs from MONAI transforms; this module adds
-what MONAI does not know: where each dataset keeps its files, how its masks encode the target,
-and how the splits are drawn.
+The transform chains themselves are wired in the configs from MONAI transforms and the few of
+:mod:`scripts.transforms`; this module adds what MONAI does not know: where each dataset keeps its
+files, how its masks encode the target, and how the splits are drawn.
 
 | dataset   | images                       | masks                      | target rule                       |
 |-----------|------------------------------|----------------------------|-----------------------------------|
@@ -27,16 +27,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Collection, Hashable, Mapping
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.transforms import LoadImaged as _LoadImaged
-from monai.transforms import MapTransform
-from monai.utils import TraceKeys
 from PIL import Image
 
 __all__ = [
@@ -50,11 +46,8 @@ __all__ = [
     "image_list",
     "split_names",
     "mask_to_target",
-    "MaskToTargetd",
-    "LoadImaged",
     "to_rgb",
     "to_uint8",
-    "unpad_collated",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -288,63 +281,3 @@ def mask_to_target(mask: torch.Tensor, rule: str) -> torch.Tensor:
             return (mask[1:2] == 255).float()
         return (mask[0:1] < 64).float()
     raise ValueError(f"unknown mask rule {rule!r}")
-
-
-class MaskToTargetd(MapTransform):
-    """Dictionary transform: replace the mask under ``keys`` by the dataset's binary target (float 0/1)."""
-
-    def __init__(self, keys: KeysCollection, dataset: str, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        if dataset not in LAYOUTS:
-            raise DatasetError(f"unknown 2D dataset {dataset!r}; choose one of {sorted(LAYOUTS)}")
-        self.rule = LAYOUTS[dataset][2]
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = mask_to_target(torch.as_tensor(d[key]), self.rule)
-        return d
-
-
-def unpad_collated(data: Mapping) -> dict:
-    """Undo ``PadListDataCollate(method="end")`` on one decollated item: every value it padded is cropped back to
-    its own size (``configs/evaluate.yaml``: labels of differently sized images in one batch). MONAI's own
-    ``PadListDataCollate.inverse`` centre-crops, a pixel off wherever symmetric padding was odd."""
-    d = dict(data)
-    for key, value in d.items():
-        ops = getattr(value, "applied_operations", None)
-        if ops and ops[-1].get(TraceKeys.CLASS_NAME) == "PadListDataCollate":
-            size = ops.pop()[TraceKeys.ORIG_SIZE]
-            d[key] = value[(slice(None), *(slice(0, int(s)) for s in size))]
-    return d
-
-
-class LoadImaged(_LoadImaged):
-    """MONAI's ``LoadImaged`` (same arguments), with every read error naming its file. MONAI names the file when
-    no reader opens it (in a long list of every reader's traceback), but not when the data turn out truncated or
-    corrupt while being read (``EOFError`` from a cut ``.nii.gz``); here any read error becomes a
-    :class:`DatasetError` ``"<file>: cannot be read (<the reader's error>)"``. On an error (only then) each file is
-    read again with the reader MONAI picks first for it, to find which one failed and why.
-    """
-
-    def __call__(self, data, reader=None):
-        try:
-            return super().__call__(data, reader)
-        except Exception as e:
-            for key in self.key_iterator(dict(data)):
-                cause = self._read_error(data[key], reader)
-                if isinstance(cause, DatasetError):
-                    raise cause from e
-                if cause is not None:
-                    raise DatasetError(f"{data[key]}: cannot be read ({type(cause).__name__}: {cause})") from e
-            raise
-
-    def _read_error(self, filename, reader=None) -> Exception | None:
-        for r in [reader] if reader is not None else self._loader.readers[::-1]:
-            if reader is not None or r.verify_suffix(filename):
-                try:
-                    r.get_data(r.read(filename))
-                except Exception as e:
-                    return e
-                return None
-        return None

@@ -20,7 +20,8 @@ from monai.transforms import (
 )
 from monai.utils import ImageMetaKey
 
-from scripts.data import DatasetError, LoadImaged
+from scripts.data import DatasetError
+from scripts.transforms import LoadImaged
 from scripts.volumes.datalist import DATASETS, TRANSUNET8
 from scripts.volumes.reading import SimpleITKReader
 

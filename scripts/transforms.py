@@ -1,0 +1,80 @@
+"""The bundle's own dictionary transforms beside MONAI's, each for a job MONAI's does differently.
+
+* :class:`LoadImaged`: MONAI's ``LoadImaged``, every read error naming its file (2D images and 3D volumes).
+* :class:`MaskToTargetd`: a dataset's mask -> binary target, by its rule (:func:`scripts.data.mask_to_target`).
+* :func:`unpad_collated`: undo ``PadListDataCollate(method="end")`` exactly (MONAI's inverse centre-crops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import LoadImaged as _LoadImaged
+from monai.transforms import MapTransform
+from monai.utils import TraceKeys
+
+from scripts.data import LAYOUTS, DatasetError, mask_to_target
+
+__all__ = ["LoadImaged", "MaskToTargetd", "unpad_collated"]
+
+
+class LoadImaged(_LoadImaged):
+    """MONAI's ``LoadImaged`` (same arguments), with every read error naming its file. MONAI names the file when
+    no reader opens it (in a long list of every reader's traceback), but not when the data turn out truncated or
+    corrupt while being read (``EOFError`` from a cut ``.nii.gz``); here any read error becomes a
+    :class:`DatasetError` ``"<file>: cannot be read (<the reader's error>)"``. On an error (only then) each file is
+    read again with the reader MONAI picks first for it, to find which one failed and why.
+    """
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:
+            for key in self.key_iterator(dict(data)):
+                cause = self._read_error(data[key], reader)
+                if isinstance(cause, DatasetError):
+                    raise cause from e
+                if cause is not None:
+                    raise DatasetError(f"{data[key]}: cannot be read ({type(cause).__name__}: {cause})") from e
+            raise
+
+    def _read_error(self, filename, reader=None) -> Exception | None:
+        for r in [reader] if reader is not None else self._loader.readers[::-1]:
+            if reader is not None or r.verify_suffix(filename):
+                try:
+                    r.get_data(r.read(filename))
+                except Exception as e:
+                    return e
+                return None
+        return None
+
+
+class MaskToTargetd(MapTransform):
+    """Dictionary transform: replace the mask under ``keys`` by the dataset's binary target (float 0/1)."""
+
+    def __init__(self, keys: KeysCollection, dataset: str, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if dataset not in LAYOUTS:
+            raise DatasetError(f"unknown 2D dataset {dataset!r}; choose one of {sorted(LAYOUTS)}")
+        self.rule = LAYOUTS[dataset][2]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = mask_to_target(torch.as_tensor(d[key]), self.rule)
+        return d
+
+
+def unpad_collated(data: Mapping) -> dict:
+    """Undo ``PadListDataCollate(method="end")`` on one decollated item: every value it padded is cropped back to
+    its own size (``configs/evaluate.yaml``: labels of differently sized images in one batch). MONAI's own
+    ``PadListDataCollate.inverse`` centre-crops, a pixel off wherever symmetric padding was odd."""
+    d = dict(data)
+    for key, value in d.items():
+        ops = getattr(value, "applied_operations", None)
+        if ops and ops[-1].get(TraceKeys.CLASS_NAME) == "PadListDataCollate":
+            size = ops.pop()[TraceKeys.ORIG_SIZE]
+            d[key] = value[(slice(None), *(slice(0, int(s)) for s in size))]
+    return d
