@@ -55,7 +55,8 @@ def _output(engine, output: dict):
 
 
 class SDSegTrainStep:
-    """``iteration_update`` for ``SupervisedTrainer`` training :class:`SDSeg`.
+    """``iteration_update`` for ``SupervisedTrainer`` training :class:`SDSeg`. Not MONAI's
+    ``DiffusionPrepareBatch`` with the default step: SDSeg's loss adds L1(z~0, z0) and runs through SDSeg's forward.
 
     On the first iteration of a model whose ``scale_factor`` is unset (0), before the first step, it becomes
     ``1 / std(z)`` of the mask latents of ``scale_masks`` training masks spread evenly over the training set (all of

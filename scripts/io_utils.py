@@ -165,6 +165,7 @@ class SaveMaskd(MapTransform):
 
     Binary masks become 0/255; probability maps round(255 * p). The name comes from the
     ``filename_or_obj`` of ``d[name_key]``: ``<output_dir>/<input stem>.png``.
+    Not MONAI's ``SaveImaged``: its writers write straight to the target file, not a temporary renamed over it.
     """
 
     def __init__(self, keys: KeysCollection, output_dir: str, name_key: str = "image", allow_missing_keys=False):

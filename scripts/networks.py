@@ -228,13 +228,14 @@ class SDSeg(nn.Module):
         return self.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Eq. 1: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n."""
-        a = self._alpha_bar(t, z0)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+        """Eq. 1: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) n, by the scheduler's own ``add_noise`` (MONAI), in z0's dtype
+        (float32 in :meth:`training_loss`, also under autocast)."""
+        return self.scheduler.add_noise(z0, noise, t)
 
     def estimate_z0(self, z_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """z~0 from the U-Net's ``output``: Eq. 2, z~0 = (z_t - sqrt(1 - a_t) n~) / sqrt(a_t), for ``epsilon``;
-        the output itself for ``sample``; sqrt(a_t) z_t - sqrt(1 - a_t) v~ for ``v_prediction``."""
+        the output itself for ``sample``; sqrt(a_t) z_t - sqrt(1 - a_t) v~ for ``v_prediction``.
+        Not a MONAI scheduler's ``step``: that computes z~0 only on the way to z_{t-1}, in the scheduler's dtype."""
         if self.prediction_type == "sample":
             return output
         a = self._alpha_bar(t, z_t)

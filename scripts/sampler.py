@@ -18,6 +18,9 @@ __all__ = ["SDSegInferer"]
 class SDSegInferer(Inferer):
     """Segment a batch of images (B, 3, H, W) in [-1, 1]; returns the score map (B, 1, H, W) in [0, 1].
 
+    Not MONAI's ``LatentDiffusionInferer.sample``: that denoises with every step of a scheduler from one noise
+    per batch; SDSeg conditions on tau_theta(C), takes one step from t = T-1 (or DDIM), one noise for all images.
+
     Args:
         num_steps: 1 for SDSeg's single reverse step (z~0 from the noise estimate at t = T-1);
             N > 1 runs DDIM (eta = 0) over N steps of the training schedule, ``T // N`` apart

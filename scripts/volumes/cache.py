@@ -73,6 +73,9 @@ class VolumeCacheDataset(Dataset):
     all axial slices of all volumes, ``transform`` loading one slice (:class:`LoadCachedd`); with
     ``slices=False`` they are whole volumes. ``skip_empty`` is the probability that a slice without foreground
     is replaced by a random slice with foreground each time it is drawn.
+
+    Not MONAI's ``PersistentDataset``: it pickles whole transformed items, so every slice drawn would read its
+    whole volume; here each volume is kept once, slice-major and memory-mapped, and a slice is one small read.
     """
 
     def __init__(

@@ -22,7 +22,9 @@ __all__ = ["VolumeInferer", "SaveVolumed"]
 class VolumeInferer(Inferer):
     """Run a 2D ``inferer`` on volumes (B, C, H, W, D): axial slices go through it in batches of
     ``batch_size`` and the outputs are restacked in slice order as (B, C', H, W, D). 2D inputs (B, C, H, W)
-    pass straight through, so the same wiring serves 2D and 3D datasets."""
+    pass straight through, so the same wiring serves 2D and 3D datasets.
+    Not MONAI's ``SliceInferer``: that runs a network (not an inferer such as SDSeg's sampler) through the
+    sliding-window machinery, one window copy and importance map per slice; here whole slices are batched."""
 
     def __init__(self, inferer: Inferer, batch_size: int = 8):
         super().__init__()
@@ -51,6 +53,9 @@ class SaveVolumed(MapTransform):
     The affine is the input's own (``original_affine`` of ``d[name_key]``), so the mask overlays the input; a
     NIfTI input also lends its header (qform/sform codes). Binary masks are stored as uint8 0/1, other maps
     (``dtype="float32"``) as float32.
+
+    Not MONAI's ``SaveImaged``: its ``NibabelWriter`` writes straight to the target file (no temporary renamed over
+    it, :func:`scripts.io_utils.atomic_path`) and builds a new header without the input's qform/sform codes.
     """
 
     def __init__(

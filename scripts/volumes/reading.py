@@ -96,7 +96,8 @@ def _read_sitk(path: str) -> sitk.Image:
 
 class SimpleITKReader(ImageReader):
     """MONAI image reader for ``.mha``/``.mhd``/``.nrrd``/``.nhdr`` files and DICOM series folders, through
-    SimpleITK. Arrays come in (x, y, z) order with MONAI's RAS affine, as ``NibabelReader`` gives them."""
+    SimpleITK. Arrays come in (x, y, z) order with MONAI's RAS affine, as ``NibabelReader`` gives them.
+    Not MONAI's ``ITKReader``: that needs the ``itk`` package; SimpleITK is the lighter, pinned dependency."""
 
     def verify_suffix(self, filename) -> bool:
         names = [str(f) for f in (filename if isinstance(filename, (list, tuple)) else [filename])]

@@ -51,6 +51,7 @@ class Foregroundd(MapTransform):
 
     BTCV labels must be integers 0..13; ``foreground="all13"`` (paper) keeps every organ, ``"transunet8"``
     (authors' code) only :data:`TRANSUNET8`. STS-3D labels must be non-negative integers; every tooth counts.
+    Not MONAI's ``LabelToMaskd``: that does not check the label values, and bad ones must stop naming the file.
     """
 
     def __init__(self, keys: KeysCollection, dataset: str, foreground: str = "all13", allow_missing_keys: bool = False):
