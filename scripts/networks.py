@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,11 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scripts.autoencoder import load_autoencoder
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
-__all__ = ["SDSeg", "VisionEncoder", "load_autoencoder", "mask_to_ae_input", "ae_output_to_score"]
+__all__ = ["SDSeg", "VisionEncoder", "mask_to_ae_input", "ae_output_to_score"]
 
 
 def mask_to_ae_input(mask: torch.Tensor) -> torch.Tensor:
@@ -33,23 +34,6 @@ def mask_to_ae_input(mask: torch.Tensor) -> torch.Tensor:
 def ae_output_to_score(x: torch.Tensor) -> torch.Tensor:
     """Decoded mask (B, 3, H, W) -> probability ("score") map (B, 1, H, W): clamp((x+1)/2), channel mean."""
     return ((x + 1) / 2).clamp(0, 1).mean(dim=1, keepdim=True)
-
-
-def load_autoencoder(autoencoder: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
-    """Load mask-autoencoder weights into ``autoencoder``: the autoencoder stage's state dict, a file converted by
-    ``python -m scripts.tools.convert_weights convert``, or pretrained kl-f8 / SD VAE weights (CompVis ``.ckpt``,
-    diffusers ``.safetensors`` / ``.bin`` or model folder), which need ``autoencoder_layout: ldm`` (see
-    scripts/weights/kl.py)."""
-    from scripts.weights.kl import load_kl_weights
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"mask autoencoder weights not found: {path}. Train them first "
-            "(python -m monai.bundle run training --config_file configs/train_autoencoder.yaml ...) or, for the "
-            "paper preset, download LDM kl-f8 (https://ommer-lab.com/files/latent-diffusion/kl-f8.zip, model.ckpt) "
-            "or the SD VAE (stabilityai/sd-vae-ft-mse) and point autoencoder_path at it."
-        )
-    return load_kl_weights(path, autoencoder)
 
 
 class VisionEncoder(nn.Module):

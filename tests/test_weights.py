@@ -16,8 +16,7 @@ import torch
 from conftest import parse_configs
 from monai.networks.nets import AutoencoderKL
 
-from scripts.autoencoder import kl_autoencoder
-from scripts.networks import load_autoencoder
+from scripts.autoencoder import kl_autoencoder, load_autoencoder
 from scripts.tools.convert_weights import main
 from scripts.weights.kl import convert_kl_state_dict, load_kl_weights
 
