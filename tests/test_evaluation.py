@@ -248,7 +248,7 @@ def test_ablation_overlay_builds_the_expected_model(overlay):
     net.eval()
     infer.eval()
     with torch.no_grad():
-        noise = torch.randn(1, 4, 8, 8)
+        noise = torch.randn(1, 4, 16, 16)
         assert torch.allclose(net(image, noise), infer(image, noise))
 
 

@@ -53,7 +53,7 @@ def images(demo_root):
 
 def plain_path(model, images, num_steps, num_samples, seed):
     """One image and one noise sample at a time; z_c recomputed at every step."""
-    noise = SDSegInferer(num_steps, num_samples, seed).noise((4, 8, 8), torch.device("cpu"))
+    noise = SDSegInferer(num_steps, num_samples, seed).noise((4, 16, 16), torch.device("cpu"))
     ddim = SDSegInferer(num_steps, num_samples, seed)._ddim(model)
     scores = []
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         gen = torch.Generator().manual_seed(0)
         image = torch.rand((2, 3, 64, 64), generator=gen) * 2 - 1
         mask = (torch.rand((2, 1, 64, 64), generator=gen) > 0.5).float()
-        t, noise = torch.tensor([10, 900]), torch.randn((2, 4, 8, 8), generator=gen)
+        t, noise = torch.tensor([10, 900]), torch.randn((2, 4, 16, 16), generator=gen)
         nbytes = []
 
         def pack(x):
@@ -166,7 +166,7 @@ def test_latent_cache_skips_the_autoencoder_for_masks_seen_before():
     gen = torch.Generator().manual_seed(0)
     image = torch.rand((3, 3, 64, 64), generator=gen) * 2 - 1
     mask = (torch.rand((3, 1, 64, 64), generator=gen) > 0.5).float()
-    t, noise = torch.tensor([5, 500, 999]), torch.randn((3, 4, 8, 8), generator=gen)
+    t, noise = torch.tensor([5, 500, 999]), torch.randn((3, 4, 16, 16), generator=gen)
     plain, cached = (build_tiny_sdseg(seed=2, latent_cache=c, prediction_type="epsilon").train() for c in (False, True))
     encoded = []
     cached.autoencoder.encoder.register_forward_hook(lambda _m, inputs, _o: encoded.append(inputs[0].shape[0]))

@@ -67,7 +67,7 @@ def test_oracle_noise_recovers_z0_exactly(model):
 def test_loss_matches_hand_computation(model, loss_weight):
     image, mask = batch()
     t = torch.tensor([3, 999])
-    noise = torch.randn(2, 4, 8, 8)
+    noise = torch.randn(2, 4, 16, 16)
     torch.manual_seed(7)  # the posterior sample inside encode_mask
     out = model(image, mask=mask, loss_weight=loss_weight, t=t, noise=noise)
 
@@ -232,7 +232,7 @@ def test_amp_keeps_the_diffusion_algebra_in_float32(model):
     """Under bf16 autocast only the networks run in bf16: with a perfect noise predictor the loss is the
     float32 one (0 up to the predictor's own bf16 rounding), not z_t's bf16 rounding amplified x39."""
     image, mask = batch(4)
-    noise = torch.randn(4, 4, 8, 8)
+    noise = torch.randn(4, 4, 16, 16)
     t = torch.tensor([0, 10, 500, 999])
     m = copy.deepcopy(model)
     m.unet = _PerfectNoise(m.unet, noise.to(torch.bfloat16).float())  # exactly representable in bf16

@@ -27,7 +27,7 @@ def test_single_step_is_the_paper_formula(model, images):
     inferer = SDSegInferer(seed=11)
     out = inferer(images, model)
     assert out.shape == (5, 1, 64, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         assert torch.allclose(model(images, noise=noise), out, atol=1e-5)
 
@@ -43,7 +43,7 @@ def test_same_seed_same_masks_any_batching(model, images):
 def test_k_samples_average_the_single_sample_runs(model, images):
     k = 3
     avg = SDSegInferer(num_samples=k, seed=9)(images, model)
-    noise = torch.randn((k, 4, 8, 8), generator=torch.Generator().manual_seed(9))
+    noise = torch.randn((k, 4, 16, 16), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         singles = torch.stack([model(images, noise=noise[i : i + 1]) for i in range(k)]).mean(0)
     assert torch.allclose(avg, singles, atol=1e-5)
@@ -142,7 +142,7 @@ def test_latent_average_decodes_the_mean_latent_once(model, images):
     finally:
         del model.decode_score
     assert calls == [images.shape[0]]  # one decoder pass per image, not K
-    noise = torch.randn((k, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+    noise = torch.randn((k, 4, 16, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         z_c = model.encode_image(images)
         t = torch.full((1,), 999)
