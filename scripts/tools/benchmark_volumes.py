@@ -1,4 +1,4 @@
-"""Throughput of volume inference against the bare networks: ``python -m scripts.tools.benchmark_volumes``.
+"""Throughput of volume inference against the bare networks: ``python -m scripts.tools.benchmark_volumes --benchmark``.
 
 Prints, as JSON, the slices/s of the bare networks on ready slice batches, of :class:`VolumeInferer` on
 preprocessed volumes and of the whole volume chain (load, preprocess, infer, ``Invertd``, threshold; no
@@ -72,11 +72,15 @@ def benchmark(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", action="store_true", help="measure volume inference vs the bare networks")
     parser.add_argument("--dataset", default="btcv", choices=sorted(DATASETS))
     parser.add_argument("--dataset_dir", default=None, help="default: data/demo/<dataset>")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
     parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args()
+    if not args.benchmark:
+        parser.print_help()
+        return
     result = benchmark(args.dataset_dir or f"data/demo/{args.dataset}", args.dataset, args.preset, args.batch_size)
     print(json.dumps(result, indent=2))
 
