@@ -35,6 +35,9 @@ class SDSegInferer(Inferer):
         compile: wrap the three networks (vision encoder, U-Net, mask decoder) in ``torch.compile``
             on first use (first batch slow, later batches faster; needs a C++ compiler on the CPU), with
             ``compile_kwargs`` (e.g. ``{"mode": "max-autotune"}``).
+        scheduler: the DDIM scheduler for ``num_steps > 1`` (the configs declare it as ``ddim_scheduler``); it must
+            hold the network's training schedule (checked) and its ``prediction_type``. Its steps are set here, to
+            the uniform steps above. ``None``: one built from ``network.scheduler``'s betas.
 
     Precision: under ``torch.autocast`` (MONAI engines' ``amp`` with ``amp_kwargs={"dtype": ...}``) only the
     mask decoder, the costliest of the three networks, runs in bf16/fp16. The vision encoder, the U-Net and
@@ -54,6 +57,7 @@ class SDSegInferer(Inferer):
         compile: bool = False,
         compile_kwargs: dict | None = None,
         average: str = "score",
+        scheduler: DDIMScheduler | None = None,
     ):
         super().__init__()
         if num_steps < 1 or num_samples < 1:
@@ -63,6 +67,7 @@ class SDSegInferer(Inferer):
         self.average = average
         self.num_steps, self.num_samples, self.seed = int(num_steps), int(num_samples), int(seed)
         self.channels_last, self.compile, self.compile_kwargs = bool(channels_last), bool(compile), compile_kwargs or {}
+        self.scheduler = scheduler
         self._noise: torch.Tensor | None = None
         self._prepared: tuple[int, tuple] | None = None  # (id of the network, its three callables)
 
@@ -75,12 +80,29 @@ class SDSegInferer(Inferer):
 
     def _ddim(self, network: SDSeg) -> DDIMScheduler:
         train = network.scheduler
-        ddim = DDIMScheduler(
-            num_train_timesteps=train.num_train_timesteps, clip_sample=False, prediction_type=network.prediction_type
-        )
-        # same betas as training, whatever schedule built them
-        ddim.betas, ddim.alphas, ddim.alphas_cumprod = train.betas, train.alphas, train.alphas_cumprod
-        ddim.final_alpha_cumprod = torch.tensor(1.0)
+        if self.scheduler is None:
+            ddim = DDIMScheduler(
+                num_train_timesteps=train.num_train_timesteps,
+                clip_sample=False,
+                prediction_type=network.prediction_type,
+            )
+            # same betas as training, whatever schedule built them
+            ddim.betas, ddim.alphas, ddim.alphas_cumprod = train.betas, train.alphas, train.alphas_cumprod
+            ddim.final_alpha_cumprod = torch.tensor(1.0)
+        else:
+            ddim = self.scheduler
+            # the training scheduler's add_noise moves its alphas_cumprod to the latents' device and dtype
+            trained = train.alphas_cumprod.to(ddim.alphas_cumprod.device, ddim.alphas_cumprod.dtype)
+            if ddim.num_train_timesteps != train.num_train_timesteps or not torch.equal(ddim.alphas_cumprod, trained):
+                raise ValueError(
+                    "the inferer's DDIM scheduler (ddim_scheduler in the config) does not hold the network's training "
+                    "schedule (noise_scheduler): give both the same num_train_timesteps, schedule and betas"
+                )
+            if ddim.prediction_type != network.prediction_type:
+                raise ValueError(
+                    f"the inferer's DDIM scheduler predicts {ddim.prediction_type!r}, the network "
+                    f"{network.prediction_type!r}: set ddim_scheduler#prediction_type to @prediction_type"
+                )
         ddim.set_timesteps(self.num_steps)
         # MONAI's set_timesteps spaces the steps by linspace(T-1, 0, N) but step() moves by T // N: use the steps
         # step() assumes, LDM's "uniform" discretisation (the authors' DDIM): range(0, T, T // N) + 1, reversed

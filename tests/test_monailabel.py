@@ -91,14 +91,18 @@ def ensure_monailabel_venv() -> Path:
 
 # ---- the app, the bundle copy, the studies ------------------------------------------------------------
 def make_bundle_copy(dest: Path) -> torch.nn.Module:
-    """The bundle with the tiny preset merged into inference.yaml and train.yaml, random weights in models/."""
+    """The bundle with the tiny preset (and, for inference, the MONAI Label overlay configs/monailabel.yaml) merged
+    into inference.yaml and train.yaml, random weights in models/."""
     for name in ("configs", "scripts", "docs"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("LICENSE", "README.md", "large_files.yml"):
         shutil.copy(ROOT / name, dest / name)
-    for cfg, extra in (("inference.yaml", {}), ("train.yaml", TRAIN_OVERRIDES)):
+    for cfg, overlays, extra in (
+        ("inference.yaml", ["monailabel.yaml"], {}),
+        ("train.yaml", [], TRAIN_OVERRIDES),
+    ):
         parser = ConfigParser()
-        parser.read_config([str(ROOT / "configs" / cfg), str(ROOT / "configs" / "tiny.yaml")])
+        parser.read_config([str(ROOT / "configs" / c) for c in (cfg, *overlays, "tiny.yaml")])
         for key, value in extra.items():
             parser[key] = value
         ConfigParser.export_config_file(parser.get(), str(dest / "configs" / cfg), fmt="yaml")
@@ -217,11 +221,12 @@ def server(tmp_path_factory, demo_root):
 
 
 def bundle_inference(bundle: Path, image: Path, out: Path) -> np.ndarray:
-    """The bundle's own inference workflow, in this process, on one image: its 0/1 mask (H, W)."""
+    """The bundle's own inference workflow (inference.yaml and the tiny preset, without the MONAI Label overlay), in
+    this process, on one image with ``bundle``'s weights: its 0/1 mask (H, W)."""
     (out / "in").mkdir(parents=True)
     shutil.copy(image, out / "in" / image.name)
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.yaml"))
+    parser.read_config([str(ROOT / "configs" / "inference.yaml"), str(ROOT / "configs" / "tiny.yaml")])
     for key, value in dict(
         bundle_root=str(bundle), input_dir=str(out / "in"), output_dir=str(out / "masks"), num_workers=0, device="cpu"
     ).items():

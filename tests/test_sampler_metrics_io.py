@@ -62,6 +62,28 @@ def test_ddim_uses_the_training_schedule(model, images):
     assert SDSegInferer(num_steps=1000)._ddim(model).timesteps.tolist() == list(range(999, -1, -1))
 
 
+def test_declared_ddim_scheduler_gives_the_same_steps_and_numbers(model, images):
+    """inference.yaml's ``ddim_scheduler`` (the training schedule's parameters) in the inferer: the same steps and
+    masks as the scheduler built from the network's betas; a different schedule or target is refused."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    from scripts.bundle_config import parse_configs
+
+    parser = parse_configs(["inference.yaml", "tiny.yaml"], prediction_type="epsilon")
+    declared = parser.get_parsed_content("inferer")
+    assert isinstance(declared.scheduler, DDIMScheduler)
+    for n in (2, 5, 10):
+        ours = SDSegInferer(num_steps=n, seed=1, scheduler=declared.scheduler)
+        assert ours._ddim(model).timesteps.tolist() == SDSegInferer(num_steps=n)._ddim(model).timesteps.tolist()
+        assert torch.equal(ours(images, model), SDSegInferer(num_steps=n, seed=1)(images, model))
+    other = DDIMScheduler(1000, schedule="linear_beta", clip_sample=False)
+    with pytest.raises(ValueError, match="training schedule"):
+        SDSegInferer(num_steps=5, scheduler=other)(images, model)
+    sample = parse_configs(["inference.yaml", "tiny.yaml"]).get_parsed_content("ddim_scheduler")  # tiny: sample
+    with pytest.raises(ValueError, match="prediction_type"):
+        SDSegInferer(num_steps=5, scheduler=sample)(images, model)
+
+
 class GaussianPriorOracle(torch.nn.Module):
     """Latents z0 ~ N(mean, std^2) elementwise and the exact posterior-mean noise predictor E[n | z_t] for them:
     a perfectly trained model of that prior. A consistent sampler returns the prior's mean and spread."""
