@@ -32,7 +32,7 @@ def test_short_training_lowers_the_loss(demo_root, prediction_type, share, steps
     mask = torch.stack([d["label"] for d in items])
     model = build_tiny_sdseg(seed=0, prediction_type=prediction_type)
     model.scale_factor.fill_(1.0)
-    t, noise = torch.tensor(steps), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, noise = torch.tensor(steps), torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
     def fixed_loss():
         torch.manual_seed(0)
