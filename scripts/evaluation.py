@@ -23,7 +23,7 @@ from scripts.io_utils import atomic_write_csv, atomic_write_json, json_safe
 from scripts.metrics import format_table, summarise
 from scripts.sampler import SDSegInferer
 
-__all__ = ["run_with_inferer", "ReverseSweep"]
+__all__ = ["configured_sampler", "run_with_inferer", "ReverseSweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,14 @@ def _swap_sampler(inferer: Inferer | None, sampler: Inferer) -> Inferer:
     return outer
 
 
+def configured_sampler(inferer: Inferer | None) -> SDSegInferer:
+    """The :class:`SDSegInferer` inside ``inferer`` (through wrappers' ``inferer`` attributes), so that runs with
+    other steps, samples or seeds keep the configured scheduler, averaging and fast path; a default one if none."""
+    while inferer is not None and not isinstance(inferer, SDSegInferer):
+        inferer = getattr(inferer, "inferer", None)
+    return inferer if inferer is not None else SDSegInferer()
+
+
 def run_with_inferer(evaluator, sampler: SDSegInferer) -> tuple[float, int]:
     """Run ``evaluator`` once over its data with ``sampler`` in place of the :class:`SDSegInferer` of its
     inferer (wrappers kept, see :func:`_swap_sampler`). Returns the seconds spent inside ``sampler`` and the
@@ -92,7 +100,8 @@ class ReverseSweep:
         rows = []
         for steps, samples in self.settings:
             self.report.output_dir = self.output_dir / f"steps{steps}_samples{samples}"
-            seconds, slices = run_with_inferer(self.evaluator, SDSegInferer(steps, samples, self.seed))
+            sampler = configured_sampler(self.evaluator.inferer).variant(steps, samples, self.seed)
+            seconds, slices = run_with_inferer(self.evaluator, sampler)
             s = summarise(self.report.rows)
             rows.append(
                 {

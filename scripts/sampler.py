@@ -71,6 +71,19 @@ class SDSegInferer(Inferer):
         self._noise: torch.Tensor | None = None
         self._prepared: tuple[int, tuple] | None = None  # (id of the network, its three callables)
 
+    def variant(self, num_steps: int, num_samples: int, seed: int) -> SDSegInferer:
+        """This inferer's other settings (DDIM scheduler, average, fast path) with these steps, samples and seed."""
+        return SDSegInferer(
+            num_steps,
+            num_samples,
+            seed,
+            channels_last=self.channels_last,
+            compile=self.compile,
+            compile_kwargs=self.compile_kwargs,
+            average=self.average,
+            scheduler=self.scheduler,
+        )
+
     def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The run's K noise tensors (K, c, h, w), drawn once from ``seed`` on the CPU."""
         if self._noise is None or tuple(self._noise.shape[1:]) != tuple(shape):

@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
-from scripts.evaluation import run_with_inferer
+from scripts.evaluation import configured_sampler, run_with_inferer
 from scripts.handlers import OutputCollector
 from scripts.io_utils import atomic_write_csv, atomic_write_json, json_safe
 from scripts.metrics import format_table, mean_std, summarise
-from scripts.sampler import SDSegInferer
 
 __all__ = ["ms_ssim_settings", "load_lpips", "StabilityAccumulator", "StabilityEvaluation"]
 
@@ -257,8 +256,9 @@ class StabilityEvaluation:
 
     def run(self) -> dict:
         acc = StabilityAccumulator(**self.accumulator_args)
+        configured = configured_sampler(self.evaluator.inferer)
         for m in range(self.num_runs):
-            run_with_inferer(self.evaluator, SDSegInferer(self.num_steps, self.num_samples, self.seed + m))
+            run_with_inferer(self.evaluator, configured.variant(self.num_steps, self.num_samples, self.seed + m))
             acc.add(self.collector.outputs)
         result = acc.result(method=f"SDSeg {self.num_steps}x{self.num_samples}")
         atomic_write_csv(self.output_dir / "stability.csv", [result["table"]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 from monai.networks.nets.diffusion_model_unet import SpatialTransformer
+from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
 from torch import nn
 
-from scripts.evaluation import run_with_inferer
+from scripts.evaluation import ReverseSweep, configured_sampler, run_with_inferer
 from scripts.figures import case_grid
 from scripts.handlers import OutputCollector
 from scripts.sampler import SDSegInferer
@@ -186,6 +188,26 @@ def test_volumes_of_different_sizes_and_wrapped_inferers():
     assert seconds > 0 and slices == 2
     assert isinstance(seen[0], Wrapper) and seen[0] is not wrapper and seen[0].inferer.inferer.seed == 5
     assert evaluator.inferer is wrapper and wrapper.inferer.seed == 0
+
+
+def test_sweep_and_stability_keep_the_configured_sampler(tmp_path):
+    """Their runs change steps, samples and seed only: the evaluator's DDIM scheduler, averaging and fast path stay."""
+    ddim = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    configured = SDSegInferer(seed=9, average="latent", compile_kwargs={"mode": "x"}, scheduler=ddim)
+    assert configured_sampler(SimpleNamespace(inferer=SimpleNamespace(inferer=configured))) is configured
+    assert configured_sampler(None).num_steps == 1  # no SDSegInferer configured: the default single step
+    evaluator = stub_evaluator(named_images(["x", "y"]))
+    evaluator.inferer = configured
+    seen = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.inferer.inferer))
+    StabilityEvaluation(evaluator, str(tmp_path / "s"), num_runs=2, num_samples=3, lpips_net="none").run()
+    report = SimpleNamespace(rows=[{"dice": 1.0, "iou": 1.0}], output_dir=None)
+    ReverseSweep(evaluator, report, str(tmp_path / "r"), settings=[[1, 2]], seed=4).run()
+    assert [(s.num_steps, s.num_samples, s.seed) for s in seen] == [(1, 3, 0), (1, 3, 1), (1, 2, 4)]
+    for s in seen:
+        assert s is not configured and s.scheduler is ddim and s.average == "latent"
+        assert s.compile_kwargs == {"mode": "x"} and not s.channels_last
+    assert evaluator.inferer is configured
 
 
 def test_ms_ssim_settings_fit_the_image_size():
