@@ -19,7 +19,7 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scripts.autoencoder import load_autoencoder
+from scripts.weights.kl import load_autoencoder
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
