@@ -56,13 +56,15 @@ def cache_volume(item: dict, volume_transform: Compose, cache_dir: str | os.Path
         _save_npy(folder / "image.npy", image)
         _save_npy(folder / "label.npy", label)
         foreground = [bool(s.any()) for s in label]
-        atomic_write_json(folder / "meta.json", {"name": item.get("name"), "source": stat, "foreground": foreground})
+        meta = {"name": item.get("name"), "source": stat, "foreground": foreground}
+        atomic_write_json(folder / "meta.json", dict(meta, classes=np.unique(label).tolist()))
     meta = json.loads((folder / "meta.json").read_text())
     return {
         "image": str(folder / "image.npy"),
         "label": str(folder / "label.npy"),
         "name": item.get("name"),
         "foreground": meta["foreground"],
+        "classes": meta.get("classes"),
     }
 
 
@@ -91,10 +93,12 @@ class VolumeCacheDataset(Dataset):
         cache_dir: str,
         slices: bool = True,
         skip_empty: float = 0.0,
+        class_names: list[str] | None = None,
     ):
-        items = []
+        items, present = [], set()
         for item in data:
             e = cache_volume(item, volume_transform, cache_dir)
+            present.update(e.pop("classes") or [])
             fg = e["foreground"]
             a, b = (0, 0)
             if item.get("val_slices") is not None:
@@ -110,6 +114,12 @@ class VolumeCacheDataset(Dataset):
         self.with_foreground = [i for i, d in enumerate(items) if d["foreground"]]
         if slices and data:  # training: the labels must hold foreground somewhere
             check_foreground(len(self.with_foreground), len(items), Path(data[0]["label"]).parent, "label slices")
+        absent = [n for i, n in enumerate(class_names or []) if i and i not in present]
+        if slices and data and absent:
+            logger.warning(
+                f"{Path(data[0]['label']).parent}: no training volume holds {', '.join(absent)}: the model cannot "
+                "learn to segment them"
+            )
         if not slices and any("block" in d for d in items) and not self.with_foreground:
             logger.warning(f"{Path(data[0]['label']).parent}: no held-back val_slices block has any foreground")
         logger.info(f"{len(data)} volumes, {len(items)} {'slices' if slices else 'volumes'} cached in {cache_dir}")
