@@ -237,3 +237,11 @@ def test_multiclass_bundle_fails_clearly_on_bad_classes_and_label_values(demo_vo
         run_bundle(
             "training", AE, tmp_path, "--bundle_root", str(tmp_path), "--dataset_dir", str(bad), "--classes", "all13"
         )
+
+
+def test_paper_preset_builds_the_colour_path_for_multiclass():
+    from scripts.bundle_config import parse_configs
+
+    parser = parse_configs(["train.yaml", "paper.yaml"], classes="all13")
+    codec = parser.get_parsed_content("mask_codec")
+    assert isinstance(codec, ColourCodec) and parser.get_parsed_content("autoencoder_def#in_channels") == 3
