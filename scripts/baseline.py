@@ -4,8 +4,9 @@
 flips as SDSeg, and evaluates it through the same ``evaluate.yaml`` chain (per image, at each image's own
 resolution). Two small parts MONAI does not have:
 
-* :class:`ProbabilityInferer`: ``sigmoid(network(x))`` (multi-class: softmax over its C outputs), so the UNet's output is the same kind of probability
-  map SDSeg's sampler returns and the rest of the evaluation chain (``Invertd``, threshold 0.5) is shared.
+* :class:`ProbabilityInferer`: ``sigmoid(network(x))`` (multi-class: softmax over its C outputs), so the UNet's
+  output is the same kind of probability map SDSeg's sampler returns and the rest of the evaluation chain
+  (``Invertd``, threshold 0.5 or argmax) is shared.
 * :class:`TimeBudget`: stops training once a compute budget is spent, counted as the process's CPU time
   (``clock="cpu"``: all threads, robust to other load on a shared machine) or wall time (``clock="wall"``,
   for GPUs), from process start, so it counts start-up, data loading and validation as SDSeg's budget does.
