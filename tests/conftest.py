@@ -29,6 +29,23 @@ def build_tiny_sdseg(seed: int = 0, **overrides):
     return parser.get_parsed_content("network_def", instantiate=True)
 
 
+def input_dependent_tiny_sdseg(seed: int = 0, **overrides):
+    """A fresh tiny SDSeg whose zero-initialised parts (the U-Net's output convolution, the z_c half of its first
+    convolution) get random weights (std 0.1), so that its masks depend on the image without any training; a fresh
+    SDSeg gives every image the decoder's answer to one latent. ``scale_factor`` 1."""
+    net = build_tiny_sdseg(seed, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.unet.out[-1].parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        w = net.unet.conv_in.conv.weight
+        w[:, net.autoencoder.latent_channels :] = (
+            torch.randn(w[:, net.autoencoder.latent_channels :].shape, generator=gen) * 0.1
+        )
+        net.scale_factor.fill_(1.0)
+    return net
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     from scripts.tools.demo_data import write_demo_datasets
