@@ -56,3 +56,29 @@ def test_shipped_tiny_recipe_learns(trained_bundle, validation):
     for name, mask in constants.items():
         baselines[name] = _mean_dice(mask.expand_as(labels), labels)
     assert trained > 0.8 and trained > max(baselines.values()) + MARGIN, (trained, baselines)
+
+
+def test_training_from_loaded_weights_averages_from_them(trained_bundle, tmp_path):
+    """MONAI Label's "pretrained" option puts a CheckpointLoader for the served model.pt first among train#handlers.
+    The EMA, which validation scores and model.pt receives, must start from those weights (scripts.handlers.
+    EMAFromNetwork): ignite's EMAHandler copied the network when the config was parsed, before the loader ran."""
+    pretrained = tmp_path / "pretrained.pt"
+    weights = torch.load(trained_bundle.root / "models" / "model.pt", weights_only=True)
+    torch.save({"model": weights}, pretrained)
+    parser = parse_configs(
+        ["train.yaml", "tiny.yaml"],
+        **{**trained_bundle.overrides(), "bundle_root": str(tmp_path)},
+        autoencoder_path=str(trained_bundle.root / "models" / "autoencoder.pt"),
+        seed=1,  # the network the config initialises is not the one the weights were trained from
+        max_iterations=1,
+        val_interval=1,
+    )
+    loader = {"_target_": "CheckpointLoader", "load_path": str(pretrained), "load_dict": {"model": "@network"}}
+    parser["train#handlers"] = [loader, *parser.get("train#handlers")]  # as MONAI Label's BundleTrainTask does
+    parser.get_parsed_content("initialize")
+    parser.get_parsed_content("training")
+    ema = parser.get_parsed_content("ema").ema_model.state_dict()
+    unet = [k for k in weights if k.startswith("unet.") and weights[k].is_floating_point()]
+    moved = sum(float((ema[k] - weights[k]).norm() ** 2) for k in unet) ** 0.5
+    size = sum(float(weights[k].norm() ** 2) for k in unet) ** 0.5
+    assert moved < 0.01 * size, (moved, size)  # one step at EMA momentum 0.1 from the loaded weights
