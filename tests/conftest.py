@@ -68,7 +68,10 @@ def run_bundle(
     ]
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *meta, *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # utf-8 whatever the process locale (a test reading volumes can leave it at C/ASCII): outputs hold ±, ×
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
