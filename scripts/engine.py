@@ -72,9 +72,10 @@ class SDSegTrainStep:
     batch (rounded) is put at t = T-1, where the single reverse step is taken: more training signal where
     inference lives.
 
-    ``consistency_weight`` > 0 adds ``consistency_weight * L1(z~0(n1), z~0(n2))``: the items at t = T-1 (at least
-    one) are seen twice in the batch, with two noise draws, and their two estimates must agree, so the single step
-    depends less on the noise draw.
+    ``consistency_weight`` > 0 adds ``consistency_weight * L1(z~0(n1), z~0(n2))``: the items at t = T-1 are seen
+    twice in the batch, with two noise draws, and their two estimates must agree, so the single step depends less on
+    the noise draw. At least one item is paired, and every paired item is at t = T-1 (with ``final_step_share`` 0,
+    the first item of each batch is put there for it).
     """
 
     def __init__(
@@ -95,6 +96,10 @@ class SDSegTrainStep:
         t[: round(self.final_step_share * batch_size)] = num_train_timesteps - 1
         return t
 
+    def paired_items(self, batch_size: int) -> int:
+        """How many items of a batch the consistency term sees twice: those at T-1, at least one (0: no term)."""
+        return max(1, round(self.final_step_share * batch_size)) if self.consistency_weight > 0 else 0
+
     def __call__(self, engine, batchdata: dict) -> dict:
         image, mask = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         model: SDSeg = getattr(engine.network, "module", engine.network)
@@ -106,8 +111,9 @@ class SDSegTrainStep:
         engine.network.train()
         b = image.shape[0]
         t = self.timesteps(b, model.num_train_timesteps, image.device)
-        m = max(1, round(self.final_step_share * b)) if self.consistency_weight > 0 else 0
-        if m:  # the first m items (those at T-1) again, with their own noise draw
+        m = self.paired_items(b)
+        if m:  # the first m items, at T-1, again with their own noise draw
+            t[:m] = model.num_train_timesteps - 1
             image, mask, t = (torch.cat([x, x[:m]]) for x in (image, mask, t))
         with _autocast(engine):
             losses = engine.network(image, mask=mask, t=t, loss_weight=self.loss_weight)  # forward: DDP syncs

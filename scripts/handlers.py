@@ -5,7 +5,7 @@
 * :class:`SegmentationReport`: per-case Dice / IoU (/ HD95) -> ``metrics.csv`` and ``summary.json``.
 * :class:`CaseFigures`: the first cases as a picture grid -> ``cases.png``.
 * :class:`OutputCollector`: ``{file name: output}`` of the latest run (stability, paired by name).
-* :class:`ProgressBar`, :class:`AtomicCheckpointSaver`, :func:`lr_schedule`: for the trainer.
+* :class:`ProgressBar`, :class:`AtomicCheckpointSaver`, :class:`EMAFromNetwork`, :func:`lr_schedule`: for the trainer.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "OutputCollector",
     "ProgressBar",
     "AtomicCheckpointSaver",
+    "EMAFromNetwork",
     "lr_schedule",
 ]
 
@@ -242,6 +243,24 @@ class AtomicCheckpointSaver(CheckpointSaver):
             path.unlink(missing_ok=True)
         if stale:
             self.logger.info(f"removed {len(stale)} later-numbered checkpoint(s) of an earlier run: {stale}")
+
+
+class EMAFromNetwork:
+    """When a run starts, the EMA weights (what validation scores and ``model.pt`` holds) become the network's.
+
+    Ignite's ``EMAHandler`` copies the network when the config is parsed, before any ``CheckpointLoader`` attached
+    ahead of this handler runs (MONAI Label inserts one for its pretrained ``model.pt``): without this, training
+    from such weights would average from the untrained network. ``--resume`` loads its EMA after this (its loader
+    is attached after the trainer's handlers), so a resumed run keeps its own."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.ema.ema_model.load_state_dict(self.ema.model.state_dict())
 
 
 def lr_schedule(

@@ -130,6 +130,43 @@ def test_inference_on_a_folder_of_images(trained, demo_root, tmp_path):
         )
 
 
+def test_inference_workflow_gives_the_eager_masks_of_a_trained_model(trained_bundle, tmp_path):
+    """`run inference` with the recipe-trained model (``trained_bundle``): different images get different masks, and
+    each mask is the eager single step's (score at 64 px, resized back bilinearly, thresholded) but for rounding."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from scripts.bundle_config import parse_configs
+    from scripts.sampler import SDSegInferer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["45", "46", "47", "48"]
+    for name in names:
+        shutil.copy(trained_bundle.dataset_dir / "Original" / f"{name}.png", folder)
+    root = trained_bundle.root
+    run_bundle(
+        "inference",
+        INFER,
+        root,
+        "--bundle_root",
+        str(root),
+        "--input_dir",
+        str(folder),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    masks = [np.asarray(Image.open(tmp_path / "out" / f"{n}.png")) > 127 for n in names]
+    assert all((m != masks[0]).mean() > 0.01 for m in masks[1:]), "two images got (nearly) the same mask"
+    preprocessing = parse_configs(INFER).get_parsed_content("preprocessing")
+    model = trained_bundle.model()
+    for name, mask in zip(names, masks):
+        image = torch.as_tensor(preprocessing({"image": str(folder / f"{name}.png")})["image"]).float()[None]
+        score = F.interpolate(SDSegInferer(seed=0)(image, model), size=mask.shape, mode="bilinear")
+        assert (mask == (score[0, 0] > 0.5).numpy()).mean() > 0.99, name
+
+
 def test_evaluate_writes_per_image_table_and_summary(trained):
     root, common = trained
     proc = run_bundle("evaluate", EVAL, root, *common)

@@ -238,7 +238,7 @@ def test_lpips_with_random_backbone_and_unavailable_offline(tmp_path, monkeypatc
 def test_ablation_overlay_builds_the_expected_model(overlay):
     fusion, trainable, weight = ABLATIONS[overlay]
     torch.manual_seed(0)
-    parser = parse_configs(["train.yaml", overlay, "tiny.yaml"], autoencoder_path=None, device="$torch.device('cpu')")
+    parser = parse_configs(["train.yaml", "tiny.yaml", overlay], autoencoder_path=None, device="$torch.device('cpu')")
     net = parser.get_parsed_content("network")
     assert net.fusion == fusion and parser.get_parsed_content("train#trainer#iteration_update").loss_weight == weight
     assert "models/ablation/" in parser.get_parsed_content("ckpt_dir")
@@ -264,7 +264,7 @@ def test_ablation_overlay_builds_the_expected_model(overlay):
         assert not any(k.startswith("vision_encoder.") for k in moved)
 
     # inference builds the same network from the same overlay, and loads the trained weights
-    infer = parse_configs(["inference.yaml", "evaluate.yaml", overlay, "tiny.yaml"]).get_parsed_content("network_def")
+    infer = parse_configs(["inference.yaml", "evaluate.yaml", "tiny.yaml", overlay]).get_parsed_content("network_def")
     assert infer.fusion == fusion
     infer.load_state_dict(after)
     net.eval()
@@ -272,6 +272,38 @@ def test_ablation_overlay_builds_the_expected_model(overlay):
     with torch.no_grad():
         noise = torch.randn(1, 4, 16, 16)
         assert torch.allclose(net(image, noise), infer(image, noise))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("overlay", sorted(ABLATIONS))
+def test_ablation_rows_set_every_switch_under_every_preset(overlay, preset):
+    """Each overlay, put after the preset, gives its Table 6 row exactly: fusion (and its U-Net), encoder, lambda and
+    the paper's parametrisation (epsilon target, uniform t, no consistency term), in training and in evaluation."""
+    fusion, trainable, weight = ABLATIONS[overlay]
+    row = overlay[len("ablation_") : -len(".yaml")]
+    train = parse_configs(["train.yaml", f"{preset}.yaml", overlay])
+    switches = {k: train.get_parsed_content(k) for k in ("fusion", "trainable_encoder", "loss_weight")}
+    assert switches == {"fusion": fusion, "trainable_encoder": trainable, "loss_weight": weight}
+    assert train.get_parsed_content("network_def#prediction_type") == "epsilon"
+    assert train.get_parsed_content("network_def#trainable_encoder") is trainable
+    step = train.get_parsed_content("iteration_update")
+    assert (step.loss_weight, step.final_step_share, step.consistency_weight) == (weight, 0.0, 0.0)
+    assert step.paired_items(8) == 0 and (step.timesteps(4096, 1000, "cpu") == 999).float().mean() < 0.01
+    unet = {
+        k: train.get(f"unet_def#{k}") and train.get_parsed_content(f"unet_def#{k}")
+        for k in ("in_channels", "with_conditioning")
+    }
+    assert unet == {
+        "in_channels": 4 if fusion == "crossattn" else 8,
+        "with_conditioning": fusion == "crossattn" or None,
+    }
+    assert train.get_parsed_content("ckpt_dir").endswith(f"/models/ablation/{row}")
+    evaluate = parse_configs(["inference.yaml", "evaluate.yaml", f"{preset}.yaml", overlay])
+    assert evaluate.get_parsed_content("fusion") == fusion
+    assert evaluate.get_parsed_content("network_def#prediction_type") == "epsilon"
+    assert evaluate.get_parsed_content("ddim_scheduler#prediction_type") == "epsilon"
+    assert evaluate.get_parsed_content("ckpt_dir").endswith(f"/models/ablation/{row}")
+    assert evaluate.get_parsed_content("eval_dir").endswith(f"/eval/ablation/{row}")
 
 
 def test_fusion_key_is_shared_by_training_and_inference():

@@ -1,8 +1,9 @@
 """MONAI Label integration: the bundle served by MONAI Label's ``monaibundle`` sample app.
 
-A copy of the bundle (tiny preset merged into its configs, random weights) goes under the app's
-``model/`` folder; the real server (``monailabel start_server``) runs on 127.0.0.1 on a demo studies
-folder, with the bundle source set to local and proxies pointing nowhere, so it never goes online.
+A copy of the bundle (tiny preset merged into its configs, the weights of the recipe-trained ``trained_bundle``,
+whose masks depend on the image) goes under the app's ``model/`` folder; the real server (``monailabel
+start_server``) runs on 127.0.0.1 on a demo studies folder, with the bundle source set to local and proxies pointing
+nowhere, so it never goes online.
 MONAI Label lives in its own environment, ``.venv-monailabel`` (requirements-monailabel.txt), which
 this module builds when it is missing or out of date; it sees the main environment's torch and monai.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, build_tiny_sdseg
+from conftest import ROOT, TrainedBundle
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -38,8 +39,20 @@ ML_VENV = ROOT / ".venv-monailabel"
 ML_REQUIREMENTS = ROOT / "requirements-monailabel.txt"
 ML_PYTHON = ML_VENV / "bin" / "python"
 MODEL = "sdseg"  # the bundle's folder name under <app>/model/
-# the test bundle: tiny preset, and training short enough for a test (MONAI Label's "epoch" is val_interval iterations)
-TRAIN_OVERRIDES = {"max_iterations": 4, "val_interval": 4, "batch_size": 2, "cache_rate": 0.0, "num_workers": 0}
+# the test bundle: tiny preset, and training short enough for a test (MONAI Label's "epoch" is val_interval iterations);
+# a larger learning rate and a faster EMA than the recipe's, so that 8 iterations move the served (EMA) weights enough
+# to change a mask; seed 1: the network the config initialises is not the one the served weights were trained from
+# (trained_bundle: seed 0), as for any model trained elsewhere
+TRAIN_OVERRIDES = {
+    "seed": 1,
+    "max_iterations": 8,
+    "val_interval": 8,
+    "batch_size": 2,
+    "cache_rate": 0.0,
+    "num_workers": 0,
+    "learning_rate": 2.0e-3,
+    "ema_decay": 0.9,
+}
 NO_INTERNET = {
     "HTTP_PROXY": "http://127.0.0.1:9",
     "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -90,9 +103,9 @@ def ensure_monailabel_venv() -> Path:
 
 
 # ---- the app, the bundle copy, the studies ------------------------------------------------------------
-def make_bundle_copy(dest: Path) -> torch.nn.Module:
+def make_bundle_copy(dest: Path, trained: TrainedBundle) -> None:
     """The bundle with the tiny preset (and, for inference, the MONAI Label overlay configs/monailabel.yaml) merged
-    into inference.yaml and train.yaml, random weights in models/."""
+    into inference.yaml and train.yaml, ``trained``'s weights in models/."""
     for name in ("configs", "scripts", "docs"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("LICENSE", "README.md", "large_files.yml"):
@@ -106,12 +119,10 @@ def make_bundle_copy(dest: Path) -> torch.nn.Module:
         for key, value in extra.items():
             parser[key] = value
         ConfigParser.export_config_file(parser.get(), str(dest / "configs" / cfg), fmt="yaml")
-    net = build_tiny_sdseg(seed=0)
-    net.scale_factor.fill_(1.0)
     (dest / "models").mkdir()
-    torch.save({"model": net.state_dict()}, dest / "models" / "model.pt")  # what CheckpointLoader reads
-    torch.save({"autoencoder": net.autoencoder.state_dict()}, dest / "models" / "autoencoder.pt")  # for training
-    return net
+    state = torch.load(trained.root / "models" / "model.pt", weights_only=True)
+    torch.save({"model": state}, dest / "models" / "model.pt")  # what CheckpointLoader reads
+    shutil.copy(trained.root / "models" / "autoencoder.pt", dest / "models" / "autoencoder.pt")  # for training
 
 
 def make_studies(demo_root: Path, dest: Path, n: int = 8) -> list[str]:
@@ -166,14 +177,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_root):
+def server(tmp_path_factory, demo_root, trained_bundle):
     python = ensure_monailabel_venv()
     work = tmp_path_factory.mktemp("monailabel")
     app = work / "monaibundle"
     sample_app = ML_VENV / "monailabel" / "sample-apps" / "monaibundle"  # shipped in MONAI Label's wheel
     assert sample_app.is_dir(), f"{sample_app}: MONAI Label's monaibundle sample app is missing"
     shutil.copytree(sample_app, app)
-    make_bundle_copy(app / "model" / MODEL)
+    make_bundle_copy(app / "model" / MODEL, trained_bundle)
     make_studies(demo_root, work / "studies")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and "PROXY" not in k.upper()}
@@ -244,17 +255,31 @@ def test_app_lists_the_bundle(server):
     assert info["models"][MODEL]["type"] == "segmentation" and info["models"][MODEL]["dimension"] == 2
 
 
-def test_inference_over_http_matches_the_bundle(server, tmp_path):
-    image = server.studies / "1.png"
-    status, ctype, body = server.infer("1", {"device": "cpu"})
+def http_mask(server, study: str) -> np.ndarray:
+    status, ctype, body = server.infer(study, {"device": "cpu"})
     assert status == 200, f"{status}: {body[:500]!r}\n{server.log_tail()}"
     assert ctype.startswith("image/png")
-    label = np.asarray(Image.open(BytesIO(body)))
+    return np.asarray(Image.open(BytesIO(body)))
+
+
+def dice_with_label(server, study: str, mask: np.ndarray) -> float:
+    label = np.asarray(Image.open(server.studies / "labels" / "final" / f"{study}.png")) > 127
+    return 2 * float((label & (mask > 0)).sum()) / float(label.sum() + (mask > 0).sum())
+
+
+def test_inference_over_http_matches_the_bundle(server, tmp_path):
+    image = server.studies / "1.png"
+    label = http_mask(server, "1")
     width, height = Image.open(image).size
     assert label.shape == (height, width) and label.dtype == np.uint8  # the input's own size, 2D
     assert set(np.unique(label)) <= {0, 1}
+    # two different images, different masks (a served model that dropped the image would give both the same one),
+    # and the served model segments them
+    other = http_mask(server, "2")
+    assert other.shape == label.shape and (other != label).mean() > 0.01
+    assert dice_with_label(server, "1", label) > 0.6 and dice_with_label(server, "2", other) > 0.6
     expected = bundle_inference(server.bundle, image, tmp_path)
-    assert 0 < expected.sum() < expected.size  # random weights, but not a constant mask: the comparison means something
+    assert 0 < expected.sum() < expected.size  # not a constant mask: the comparison means something
     np.testing.assert_array_equal(label, expected)
     assert not (server.bundle / "eval").exists()  # MONAI Label writes the result; the bundle's mask writer is off
 
@@ -280,9 +305,10 @@ def test_non_image_request_fails_clearly(server):
     assert server.infer("2", {"device": "cpu"})[0] == 200
 
 
-def test_training_request_writes_a_checkpoint(server):
+def test_training_request_writes_a_checkpoint_and_the_trained_model_is_served(server, tmp_path):
     models = server.bundle / "models"
     before = (models / "model.pt").stat().st_mtime_ns
+    served_before = http_mask(server, "3")
     params = {"max_epochs": 1, "val_split": 0.25, "multi_gpu": False, "device": "cpu"}
     status, _, body = server.request(
         "POST", f"/train/{MODEL}", json.dumps(params).encode(), {"Content-Type": "application/json"}
@@ -300,5 +326,8 @@ def test_training_request_writes_a_checkpoint(server):
     assert "Restored all variables from" in server.log_tail(10**6)  # MONAI Label's pretrained-weights loader ran
     assert (models / "sdseg_checkpoint_epoch=1.pt").is_file()  # the trainer state after MONAI Label's one epoch
     assert (models / "model.pt").stat().st_mtime_ns != before  # the best (EMA) weights, what inference serves
-    status, _, body = server.infer("3", {"device": "cpu"})  # the new weights are served
-    assert status == 200 and set(np.unique(np.asarray(Image.open(BytesIO(body))))) <= {0, 1}
+    served_after = http_mask(server, "3")  # the new weights are served: another mask, the bundle's with them
+    assert set(np.unique(served_after)) <= {0, 1} and (served_after != served_before).any()
+    np.testing.assert_array_equal(served_after, bundle_inference(server.bundle, server.studies / "3.png", tmp_path))
+    # fine-tuned from the served weights (its EMA starts from them, not from the untrained network): still segments
+    assert dice_with_label(server, "3", served_after) > 0.6, dice_with_label(server, "3", served_after)

@@ -259,13 +259,22 @@ def test_final_step_share_puts_that_share_of_each_batch_at_t_max():
         SDSegTrainStep(final_step_share=1.5)
 
 
-def test_consistency_term_sees_the_final_step_items_twice_and_compares_their_estimates():
+@pytest.mark.parametrize("share, paired", [(0.5, 2), (0.25, 1), (0.0, 1)])
+def test_consistency_term_sees_the_final_step_items_twice_and_compares_their_estimates(share, paired):
+    """The items at T-1 come again at the end of the batch with their own noise draw; the term is the L1 between the
+    two z0 estimates of each pair. Every pair is at t = T-1, also with final_step_share 0 (then item 0 alone)."""
     model = build_tiny_sdseg(seed=6, prediction_type="epsilon")  # a "sample" U-Net outputs 0 at init (zero out conv)
     model.scale_factor.fill_(1.0)
     images, masks = batch(4, seed=6)
     seen = []
     forward = model.forward
-    model.forward = lambda image, **kw: seen.append((image.shape[0], kw["t"].clone())) or forward(image, **kw)
+
+    def spy(image, **kw):
+        out = forward(image, **kw)
+        seen.append((image.clone(), kw["t"].clone(), out["z0_pred"].detach().clone()))
+        return out
+
+    model.forward = spy
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
@@ -273,12 +282,17 @@ def test_consistency_term_sees_the_final_step_items_twice_and_compares_their_est
         network=model,
         optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
         loss_function=F.l1_loss,
-        iteration_update=SDSegTrainStep(final_step_share=0.5, consistency_weight=2.0),
+        iteration_update=SDSegTrainStep(final_step_share=share, consistency_weight=2.0),
         decollate=False,
     )
+    torch.manual_seed(0)
     trainer.run()
-    (size, t), out = seen[0], trainer.state.output
-    assert size == 6 and (t[:2] == 999).all() and (t[4:] == 999).all()  # items 0, 1 again at the end
+    (image, t, z0), out = seen[0], trainer.state.output
+    assert image.shape[0] == 4 + paired and torch.equal(image[4:], images[:paired])  # the first items again
+    assert (t[:paired] == 999).all() and (t[4:] == 999).all()  # both members of every pair at T-1
+    assert (t[paired:4] < 999).all()  # the others uniform (seeded draw: none of them at T-1 here)
     assert float(out["loss_consistency"]) > 0
+    assert torch.allclose(out["loss_consistency"], F.l1_loss(z0[:paired], z0[4:]))
     total = out["loss_noise"] + out["loss_latent"] + 2.0 * out["loss_consistency"]
     assert torch.allclose(out["loss"], total) and out["image"].shape[0] == 4
+    assert SDSegTrainStep(final_step_share=share).paired_items(4) == 0  # no term, no pairs

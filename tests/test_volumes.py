@@ -346,14 +346,13 @@ def test_dicom_series_reads_like_its_nifti_twin(dicom_twins, tmp_path):
 
 
 def test_dicom_series_evaluates_like_its_nifti_twin(dicom_twins):
-    """The evaluate workflow (inference + ct overlays) on the DICOM set and on the NIfTI set, a random-weight model:
-    the same masks (shape, affine, voxels) and the same metrics."""
-    from conftest import build_tiny_sdseg
+    """The evaluate workflow (inference + ct overlays) on the DICOM set and on the NIfTI set, a random-weight model
+    whose masks depend on the slice: the same masks (shape, affine, voxels) and the same metrics."""
+    from conftest import input_dependent_tiny_sdseg
 
     root = dicom_twins / "bundle"
     (root / "models").mkdir(parents=True)
-    model = build_tiny_sdseg(seed=0)
-    model.scale_factor.fill_(1.0)
+    model = input_dependent_tiny_sdseg(seed=0)
     torch.save({"model": model.state_dict()}, root / "models" / "model.pt")
     for kind in ("dicom", "nifti"):
         parse_configs(
@@ -371,7 +370,10 @@ def test_dicom_series_evaluates_like_its_nifti_twin(dicom_twins):
     a, b = (nib.load(root / k / "masks" / "case01.nii.gz") for k in ("dicom", "nifti"))
     assert a.shape == b.shape == (40, 36, 10)
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
-    assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    mask = np.asarray(a.dataobj)
+    assert np.array_equal(mask, np.asarray(b.dataobj))
+    # the slices got different masks: "the same masks" would hold for a model that ignored its input
+    assert 0 < mask.mean() < 1 and any((mask[..., k] != mask[..., 0]).mean() > 0.01 for k in range(1, mask.shape[-1]))
 
 
 @pytest.mark.parametrize(
