@@ -2,6 +2,7 @@
 
 from scripts import (  # noqa: F401
     autoencoder,
+    baseline,
     data,
     engine,
     evaluation,

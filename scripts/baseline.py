@@ -22,7 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.inferers import SimpleInferer
 
-__all__ = ["ProbabilityInferer", "TimeBudget", "process_seconds"]
+__all__ = ["ProbabilityInferer", "TimeBudget", "check_overlays", "process_seconds"]
 
 logger = logging.getLogger(__name__)
 _WALL_START = time.perf_counter()
@@ -80,3 +80,15 @@ class TimeBudget:
                 f"{self.clock} time budget of {self.budget_s:.0f} s spent after {engine.state.iteration} iterations"
             )
             engine.terminate()
+
+
+def check_overlays(replaces_sdseg: str | None, sdseg_only: list[str]) -> None:
+    """Refuse, at start, an overlay that replaces SDSeg's network (``replaces_sdseg``, e.g. ``baseline_unet.yaml``)
+    together with overlays that only work on SDSeg's own networks (``sdseg_only`` items: ``"name: what it is"``)."""
+    if replaces_sdseg and sdseg_only:
+        names = "; ".join("configs/{} ({})".format(*s.partition(": ")[::2]) for s in sdseg_only)
+        raise ValueError(
+            f"configs/{replaces_sdseg} replaces SDSeg's networks and cannot be combined with {names}. "
+            f"The baseline runs with train.yaml (training) or inference.yaml [+ evaluate.yaml] (inference, "
+            f"evaluation), [ct.yaml], the preset, then {replaces_sdseg}; run the others without it."
+        )
