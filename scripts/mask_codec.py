@@ -3,10 +3,10 @@ probabilities. The one place that knows; the networks, the training steps, the i
 
 * :class:`BinaryCodec` (``--classes binary``, the paper): a 0/1 mask (B, 1, H, W) -> 3 equal channels in [-1, 1];
   decoded X -> score = channel mean of clamp((X + 1) / 2, 0, 1), (B, 1, H, W); mask = score > 0.5.
-* :class:`OneHotCodec` (``--mask_encoding onehot``): class indices (B, 1, H, W) -> C one-hot channels in
-  [-1, 1] (background included; the bundle-trained autoencoder takes and returns C channels); decoded X ->
-  probabilities softmax(X / 0.25) over the C channels.
-* :class:`ColourCodec` (``--mask_encoding colour``, the "maskige" of GSS): each class a fixed RGB code in
+* :class:`OneHotCodec` (``--mask_encoding onehot``, measured beside the colour codec, docs/README.md): class indices
+  (B, 1, H, W) -> C one-hot channels in [-1, 1] (background included; the bundle-trained autoencoder takes and
+  returns C channels); decoded X -> probabilities softmax(X / 0.25) over the C channels.
+* :class:`ColourCodec` (``--mask_encoding colour``, the default; the "maskige" of GSS): each class a fixed RGB code in
   [-1, 1]^3 (:data:`scripts.classes.PALETTE`), so a 3-channel autoencoder (the paper preset's pretrained kl-f8)
   serves C classes; decoded X -> probabilities softmax(-|X - code_c|^2 / 0.1) over the C codes.
 
@@ -162,7 +162,7 @@ class ColourCodec(_MultiClassCodec):
         return torch.softmax(-d2 / self.temperature, dim=1)
 
 
-def make_codec(classes: str = "binary", encoding: str = "onehot") -> BinaryCodec:
+def make_codec(classes: str = "binary", encoding: str = "colour") -> BinaryCodec:
     """The codec of ``--classes`` (``binary``: the paper's; otherwise ``--mask_encoding`` onehot | colour)."""
     class_set = get_class_set(classes)
     if class_set.binary:
