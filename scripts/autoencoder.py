@@ -1,15 +1,15 @@
-"""The mask autoencoder: MONAI's ``AutoencoderKL`` in MONAI's layout or in LDM's (kl-f8, SD VAE), and its weights.
+"""The mask autoencoder: MONAI's ``AutoencoderKL`` in MONAI's layout or in LDM's (kl-f8, SD VAE).
 
 LDM's autoencoder differs from MONAI's ``AutoencoderKL`` in three places, so :func:`kl_autoencoder` builds it with
 ``layout="ldm"``: the decoder has one more res block per level than the encoder (3 vs 2 for kl-f8); the encoder ends in
 ``2 * latent_channels`` channels (mean and log-variance, ``double_z``) and one 1x1 ``quant_conv``, whose two halves
 become ``quant_conv_mu`` and ``quant_conv_log_sigma``; a SiLU follows the last GroupNorm of encoder and decoder.
-Pretrained weights load through :func:`scripts.weights.kl.load_kl_weights`.
+Weights (the autoencoder stage's or pretrained) load through :func:`scripts.weights.kl.load_autoencoder`, which
+builds on this module (never the reverse: no import circle).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +20,7 @@ from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-__all__ = ["GroupNormSiLU", "kl_autoencoder", "is_ldm_layout", "load_autoencoder"]
+__all__ = ["GroupNormSiLU", "kl_autoencoder", "is_ldm_layout"]
 
 
 class GroupNormSiLU(nn.GroupNorm):
@@ -107,20 +107,3 @@ def kl_autoencoder(
 def is_ldm_layout(autoencoder: nn.Module) -> bool:
     """Whether ``autoencoder`` was built with ``layout="ldm"``."""
     return any(isinstance(m, GroupNormSiLU) for m in autoencoder.modules())
-
-
-def load_autoencoder(autoencoder: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
-    """Load mask-autoencoder weights into ``autoencoder``: the autoencoder stage's state dict, a file converted by
-    ``python -m scripts.tools.convert_weights convert``, or pretrained kl-f8 / SD VAE weights (CompVis ``.ckpt``,
-    diffusers ``.safetensors`` / ``.bin`` or model folder), which need ``autoencoder_layout: ldm`` (see
-    scripts/weights/kl.py)."""
-    from scripts.weights.kl import load_kl_weights  # scripts.weights.kl builds on this module
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"mask autoencoder weights not found: {path}. Train them first "
-            "(python -m monai.bundle run training --config_file configs/train_autoencoder.yaml ...) or, for the "
-            "paper preset, download LDM kl-f8 (https://ommer-lab.com/files/latent-diffusion/kl-f8.zip, model.ckpt) "
-            "or the SD VAE (stabilityai/sd-vae-ft-mse) and point autoencoder_path at it."
-        )
-    return load_kl_weights(path, autoencoder)

@@ -4,8 +4,9 @@
 flips as SDSeg, and evaluates it through the same ``evaluate.yaml`` chain (per image, at each image's own
 resolution). Two small parts MONAI does not have:
 
-* :class:`ProbabilityInferer`: ``sigmoid(network(x))``, so the UNet's output is the same kind of probability
-  map SDSeg's sampler returns and the rest of the evaluation chain (``Invertd``, threshold 0.5) is shared.
+* :class:`ProbabilityInferer`: ``sigmoid(network(x))`` (multi-class: softmax over its C outputs), so the UNet's
+  output is the same kind of probability map SDSeg's sampler returns and the rest of the evaluation chain
+  (``Invertd``, threshold 0.5 or argmax) is shared.
 * :class:`TimeBudget`: stops training once a compute budget is spent, counted as the process's CPU time
   (``clock="cpu"``: all threads, robust to other load on a shared machine) or wall time (``clock="wall"``,
   for GPUs), from process start, so it counts start-up, data loading and validation as SDSeg's budget does.
@@ -37,10 +38,16 @@ def process_seconds(clock: str = "cpu") -> float:
 
 
 class ProbabilityInferer(SimpleInferer):
-    """``sigmoid(network(inputs))``: a logit network's output as a probability map (B, 1, H, W)."""
+    """``sigmoid(network(inputs))``: a logit network's output as a probability map (B, 1, H, W); ``softmax=True``
+    (multi-class, one output per class): ``softmax`` over the C channels, (B, C, H, W)."""
+
+    def __init__(self, softmax: bool = False):
+        super().__init__()
+        self.softmax = bool(softmax)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        return torch.sigmoid(super().__call__(inputs, network, *args, **kwargs))
+        logits = super().__call__(inputs, network, *args, **kwargs)
+        return torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
 
 
 class TimeBudget:

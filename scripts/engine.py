@@ -2,7 +2,8 @@
 
 * :class:`SDSegTrainStep`: the SDSeg step: frozen-autoencoder mask latent, random t and noise,
   U-Net on ``cat(z_t, z_c)``, ``L = L1(n~, n) + lambda * L1(z~0, z0)``.
-* :class:`AutoencoderTrainStep`: the mask-autoencoder stage: ``L1(D(E(X)), X) + beta * KL``.
+* :class:`AutoencoderTrainStep`: the mask-autoencoder stage: ``L1(D(E(X)), X) + beta * KL`` (multi-class: + a
+  per-class soft Dice of the decoded probabilities, so small organs reconstruct).
 * :class:`ReconstructionInferer`: the autoencoder's reconstruction score map, for its validation.
 """
 
@@ -16,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
+from monai.losses import DiceLoss
 
-from scripts.networks import SDSeg, ae_output_to_score, mask_to_ae_input
+from scripts.mask_codec import BinaryCodec
+from scripts.networks import SDSeg
 
 logger = logging.getLogger(__name__)
 
@@ -153,14 +156,22 @@ def latent_std(z: torch.Tensor) -> float:
 
 
 class AutoencoderTrainStep:
-    """``iteration_update`` for the mask autoencoder: ``L1(reconstruction) + kl_weight * KL`` on masks."""
+    """``iteration_update`` for the mask autoencoder: ``L1(D(E(X)), X) + kl_weight * KL`` on masks, X the ``codec``'s
+    encoding of the mask (:mod:`scripts.mask_codec`; default the paper's binary one).
 
-    def __init__(self, kl_weight: float = 1e-6):
-        self.kl_weight = float(kl_weight)
+    Multi-class codecs add ``dice_weight`` times MONAI's soft ``DiceLoss`` of the decoded probabilities against the
+    classes, one Dice per class over the batch, background included: every organ weighs the same, whatever its size,
+    so small ones (adrenal glands, portal vein) are not traded for the L1 of the large ones. Binary: L1 + KL only.
+    """
+
+    def __init__(self, kl_weight: float = 1e-6, codec: BinaryCodec | None = None, dice_weight: float = 1.0):
+        self.kl_weight, self.dice_weight = float(kl_weight), float(dice_weight)
+        self.codec = BinaryCodec() if codec is None else codec
+        self.dice = DiceLoss(to_onehot_y=True, batch=True) if self.codec.multiclass and self.dice_weight else None
 
     def __call__(self, engine, batchdata: dict) -> dict:
         mask = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[1]
-        x = mask_to_ae_input(mask)
+        x = self.codec.encode(mask)
         engine.network.train()
         with _autocast(engine):
             recon, z_mu, z_sigma = engine.network(x)
@@ -168,17 +179,27 @@ class AutoencoderTrainStep:
             kl = 0.5 * (z_mu.float() ** 2 + z_sigma.float() ** 2 - torch.log(z_sigma.float() ** 2 + 1e-12) - 1)
             kl = kl.sum(dim=tuple(range(1, kl.dim()))).mean()
         loss = rec + self.kl_weight * kl
+        out = {"label": mask, "loss_rec": rec.detach(), "loss_kl": kl.detach()}
+        if self.dice is not None:
+            dice = self.dice(self.codec.decode(recon.float()), mask.round())
+            loss = loss + self.dice_weight * dice
+            out["loss_dice"] = dice.detach()
         _optimise(engine, loss)
-        return _output(engine, {"label": mask, "loss": loss.detach(), "loss_rec": rec.detach(), "loss_kl": kl.detach()})
+        return _output(engine, {**out, "loss": loss.detach()})
 
 
 class ReconstructionInferer(Inferer):
-    """Score map of the autoencoder's reconstruction D(mean of E(X)) for a mask batch (B, 1, H, W)."""
+    """Probabilities of the autoencoder's reconstruction D(mean of E(X)) for a mask batch (B, 1, H, W): the
+    binary score map (B, 1, H, W), or (B, C, H, W) for a multi-class ``codec``."""
+
+    def __init__(self, codec: BinaryCodec | None = None):
+        super().__init__()
+        self.codec = BinaryCodec() if codec is None else codec
 
     @torch.inference_mode()
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         network = getattr(network, "module", network)
-        return ae_output_to_score(network.reconstruct(mask_to_ae_input(inputs)))
+        return self.codec.decode(network.reconstruct(self.codec.encode(inputs)))
 
 
 def masks_as_inputs(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):

@@ -26,7 +26,7 @@ from monai.utils import ImageMetaKey
 from scripts.checkpoints import AtomicDiskSaver
 from scripts.figures import case_grid
 from scripts.io_utils import atomic_save_image, atomic_write_csv, atomic_write_json, remove_stale_temporaries
-from scripts.metrics import dice_iou, hd95, summarise
+from scripts.metrics import class_scores, dice_iou, hd95, summarise
 
 __all__ = [
     "case_name",
@@ -77,6 +77,9 @@ class SegmentationReport(CaseHandler):
     """Per-case Dice/IoU of ``pred`` vs ``label`` (decollated, original resolution), written on completion to
     ``<output_dir>/metrics.csv`` and ``<output_dir>/summary.json`` (mean, std, n of each column).
     ``hd95=True`` adds an ``hd95`` column, using the label's voxel spacing (from its affine) when it has one.
+    ``class_names`` (multi-class, index order, background first): ``pred`` and ``label`` hold class indices; ``dice``,
+    ``iou`` (, ``hd95``) are the means over the organs and ``dice_<organ>`` ... one column per organ
+    (:func:`scripts.metrics.class_scores`: an organ absent from both is NaN, left out of the means).
 
     Not MONAI's ``MetricsSaver``: that writes one tab-separated file per metric with per-class columns and
     percentile summaries, not this one table per case that compare and the reverse sweep read; the values are
@@ -90,11 +93,15 @@ class SegmentationReport(CaseHandler):
         pred_key: str = "pred",
         label_key: str = "label",
         hd95: bool = False,
+        class_names: list[str] | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.name_key, self.pred_key, self.label_key = name_key, pred_key, label_key
         self.hd95 = bool(hd95)
         self.columns = ("dice", "iou", "hd95") if self.hd95 else ("dice", "iou")
+        self.class_names = tuple(class_names) if class_names else None
+        if self.class_names:
+            self.columns += tuple(f"{m}_{n}" for m in self.columns for n in self.class_names[1:])
         self.rows: list[dict] = []
 
     def reset(self) -> None:
@@ -102,23 +109,34 @@ class SegmentationReport(CaseHandler):
 
     def add(self, item: Mapping) -> None:
         pred, label = item[self.pred_key].cpu(), item[self.label_key].cpu()
+        affine = getattr(label, "affine", None)
+        spacing = (
+            None
+            if affine is None
+            else torch.linalg.norm(affine[: label.dim() - 1, : label.dim() - 1].double(), dim=0).tolist()
+        )
+        name = case_name(item, self.name_key)
+        if self.class_names:
+            self.rows.append({"name": name, **class_scores(pred, label, self.class_names, spacing, self.hd95)})
+            return
         dice, iou = dice_iou(pred, label)
-        row = {"name": case_name(item, self.name_key), "dice": dice, "iou": iou}
+        row = {"name": name, "dice": dice, "iou": iou}
         if self.hd95:
-            affine = getattr(label, "affine", None)
-            spacing = (
-                None
-                if affine is None
-                else torch.linalg.norm(affine[: label.dim() - 1, : label.dim() - 1].double(), dim=0).tolist()
-            )
             row["hd95"] = hd95(pred, label, spacing)
         self.rows.append(row)
 
     def completed(self, engine: Engine) -> dict:
         summary = summarise(self.rows, self.columns)
+        if self.class_names:  # the mean over organs of each organ's mean over cases (NaN organs left out)
+            for m in ("dice", "iou", "hd95")[: 3 if self.hd95 else 2]:
+                organs = [summary[f"{m}_{n}"]["mean"] for n in self.class_names[1:]]
+                organs = [v for v in organs if not math.isnan(v)]
+                summary[f"organ_mean_{m}"] = sum(organs) / len(organs) if organs else float("nan")
         atomic_write_csv(self.output_dir / "metrics.csv", self.rows, ["name", *self.columns])
         atomic_write_json(self.output_dir / "summary.json", summary)
-        text = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary.items())
+        text = ", ".join(
+            f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in summary.items() if k in ("dice", "iou", "hd95")
+        )
         logger.info(f"{len(self.rows)} cases: {text} -> {self.output_dir / 'summary.json'}")
         print(f"{len(self.rows)} cases: {text}")
         return summary

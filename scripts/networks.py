@@ -19,28 +19,29 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scripts.autoencoder import load_autoencoder
+from scripts.mask_codec import BinaryCodec, ae_output_to_score, mask_to_ae_input
+from scripts.weights.kl import load_autoencoder
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 __all__ = ["SDSeg", "VisionEncoder", "mask_to_ae_input", "ae_output_to_score"]
 
 
-def mask_to_ae_input(mask: torch.Tensor) -> torch.Tensor:
-    """A binary mask (B, 1, H, W) in {0, 1} -> the 3-channel [-1, 1] image the autoencoder sees."""
-    return (mask.float() * 2 - 1).expand(-1, 3, -1, -1)
-
-
-def ae_output_to_score(x: torch.Tensor) -> torch.Tensor:
-    """Decoded mask (B, 3, H, W) -> probability ("score") map (B, 1, H, W): clamp((x+1)/2), channel mean."""
-    return ((x + 1) / 2).clamp(0, 1).mean(dim=1, keepdim=True)
-
-
 class VisionEncoder(nn.Module):
-    """tau_theta: a copy of the mask autoencoder's encoder followed by a new 1x1 conv (paper, Appendix C)."""
+    """tau_theta: a copy of the mask autoencoder's encoder followed by a new 1x1 conv (paper, Appendix C).
 
-    def __init__(self, encoder: nn.Module, latent_channels: int):
+    An encoder whose first convolution takes other than ``image_channels`` inputs (the one-hot mask codec's C) gets a
+    first convolution for the image, its kernels the mean of E's over E's input channels (biases E's)."""
+
+    def __init__(self, encoder: nn.Module, latent_channels: int, image_channels: int = 3):
         super().__init__()
+        first = getattr(getattr(encoder, "blocks", [None])[0], "conv", None)
+        if isinstance(first, nn.Conv2d) and first.in_channels != image_channels:
+            conv = nn.Conv2d(image_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
+            with torch.no_grad():
+                conv.weight.copy_(first.weight.mean(dim=1, keepdim=True).expand_as(conv.weight))
+                conv.bias.copy_(first.bias)
+            encoder.blocks[0].conv = conv
         self.encoder = encoder
         self.out = nn.Conv2d(getattr(encoder, "out_channels", latent_channels), latent_channels, kernel_size=1)
 
@@ -88,6 +89,8 @@ class SDSeg(nn.Module):
             the mask's bytes, so a mask seen before (the same image, or the same flip of it) is not encoded
             again; the posterior sample is still drawn fresh each time. Memory grows with the number of
             distinct masks (2 x 4 x h/8 x w/8 floats each: 32 KB at 256 px). Same results as without.
+        codec: the mask codec (:mod:`scripts.mask_codec`): how a mask becomes the autoencoder's input and its decoded
+            output the probabilities (B, C, H, W). ``None``: the paper's binary codec. Recorded with the weights.
     """
 
     def __init__(
@@ -103,8 +106,10 @@ class SDSeg(nn.Module):
         latent_cache: bool = False,
         prediction_type: str = "epsilon",
         unet_path: str | None = None,
+        codec: BinaryCodec | None = None,
     ):
         super().__init__()
+        self.codec = BinaryCodec() if codec is None else codec
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.prediction_type = prediction_type
@@ -144,7 +149,10 @@ class SDSeg(nn.Module):
 
     def get_extra_state(self) -> dict:
         """Saved with the weights (``_extra_state``): what the U-Net was trained to output."""
-        return {"prediction_type": self.prediction_type}
+        state = {"prediction_type": self.prediction_type}
+        if self.codec.multiclass:  # binary weights keep their state as it was
+            state["mask_codec"] = self.codec.extra_state()
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         saved = state.get("prediction_type", "epsilon")
@@ -152,6 +160,12 @@ class SDSeg(nn.Module):
             raise ValueError(
                 f"these weights were trained with prediction_type {saved!r}, but the configuration builds "
                 f"{self.prediction_type!r}: pass --prediction_type {saved}"
+            )
+        codec = state.get("mask_codec", "binary")
+        if codec != self.codec.extra_state():
+            raise ValueError(
+                f"these weights were trained with the mask codec {codec!r} (--mask_encoding:--classes), but the "
+                f"configuration builds {self.codec.extra_state()!r}: pass the --classes and --mask_encoding of training"
             )
 
     @property
@@ -174,11 +188,11 @@ class SDSeg(nn.Module):
     def _mask_posterior(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """E's posterior (mean, std) of each mask, from ``latent_cache`` where the same mask was seen before."""
         if self.latent_cache is None:
-            return self.autoencoder.encode(mask_to_ae_input(mask))
+            return self.autoencoder.encode(self.codec.encode(mask))
         keys = [self._mask_key(m) for m in mask]
         new = [i for i, k in enumerate(keys) if k not in self.latent_cache]
         if new:
-            z_mu, z_sigma = self.autoencoder.encode(mask_to_ae_input(mask[new]))
+            z_mu, z_sigma = self.autoencoder.encode(self.codec.encode(mask[new]))
             for i, mu, sigma in zip(new, z_mu.float(), z_sigma.float()):
                 self.latent_cache[keys[i]] = (mu, sigma)
         z_mu, z_sigma = (torch.stack([self.latent_cache[k][j] for k in keys]) for j in (0, 1))
@@ -204,8 +218,8 @@ class SDSeg(nn.Module):
         return unet(torch.cat([z_t, z_c], dim=1), timesteps=t)
 
     def decode_score(self, z0: torch.Tensor) -> torch.Tensor:
-        """Probability map (B, 1, H, W) from D(z0 / scale_factor)."""
-        return ae_output_to_score(self.autoencoder.decode(z0 / self.scale_factor))
+        """Probability map (B, 1, H, W) from D(z0 / scale_factor); multi-class codecs: (B, C, H, W)."""
+        return self.codec.decode(self.autoencoder.decode(z0 / self.scale_factor))
 
     # --- diffusion algebra ----------------------------------------------------------------------
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from monai.transforms import LoadImaged as _LoadImaged
 from monai.transforms import MapTransform
 from monai.utils import TraceKeys
 
+from scripts.classes import get_class_set
 from scripts.data import LAYOUTS, DatasetError, mask_to_target
 
 __all__ = ["LoadImaged", "MaskToTargetd", "unpad_collated"]
@@ -54,10 +55,15 @@ class LoadImaged(_LoadImaged):
 class MaskToTargetd(MapTransform):
     """Dictionary transform: replace the mask under ``keys`` by the dataset's binary target (float 0/1)."""
 
-    def __init__(self, keys: KeysCollection, dataset: str, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, dataset: str, allow_missing_keys: bool = False, classes: str = "binary"):
         super().__init__(keys, allow_missing_keys)
         if dataset not in LAYOUTS:
             raise DatasetError(f"unknown 2D dataset {dataset!r}; choose one of {sorted(LAYOUTS)}")
+        if not get_class_set(classes).binary:  # multi-class 2D masks (REFUGE2 disc_cup) are not wired yet
+            raise ValueError(
+                f"--classes {classes} is not available for the 2D dataset {dataset!r} yet: 2D datasets are binary; "
+                "multi-class runs on BTCV volumes (configs/ct.yaml, --classes all13 | transunet8)"
+            )
         self.rule = LAYOUTS[dataset][2]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:

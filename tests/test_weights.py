@@ -16,9 +16,9 @@ import torch
 from conftest import parse_configs
 from monai.networks.nets import AutoencoderKL
 
-from scripts.autoencoder import kl_autoencoder, load_autoencoder
+from scripts.autoencoder import kl_autoencoder
 from scripts.tools.convert_weights import main
-from scripts.weights.kl import convert_kl_state_dict, load_kl_weights
+from scripts.weights.kl import convert_kl_state_dict, load_autoencoder, load_kl_weights
 
 diffusers = pytest.importorskip("diffusers")  # requirements-dev.txt
 
@@ -234,3 +234,20 @@ def test_sdseg_vision_encoder_starts_from_the_converted_encoder(vae, tmp_path):
     model.scale_factor.fill_(0.18215)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_no_import_circle_between_the_autoencoder_and_its_weights():
+    """scripts.weights.kl builds on scripts.autoencoder; scripts.autoencoder imports nothing from scripts.weights (at
+    module level or inside a function), and each module imports first in a fresh interpreter."""
+    import ast
+    import subprocess
+    from pathlib import Path
+
+    import scripts.autoencoder
+
+    tree = ast.parse(Path(scripts.autoencoder.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m and m.startswith("scripts.weights")]
+    for module in ("scripts.weights.kl", "scripts.autoencoder", "scripts.networks"):
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=Path(__file__).parents[1])

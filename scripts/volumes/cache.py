@@ -16,6 +16,7 @@ from monai.transforms import Compose, MapTransform
 
 from scripts.data import DatasetError, check_foreground
 from scripts.io_utils import atomic_path, atomic_write_json
+from scripts.volumes.datalist import val_block
 
 __all__ = ["cache_volume", "VolumeCacheDataset", "LoadCachedd"]
 
@@ -55,13 +56,15 @@ def cache_volume(item: dict, volume_transform: Compose, cache_dir: str | os.Path
         _save_npy(folder / "image.npy", image)
         _save_npy(folder / "label.npy", label)
         foreground = [bool(s.any()) for s in label]
-        atomic_write_json(folder / "meta.json", {"name": item.get("name"), "source": stat, "foreground": foreground})
+        meta = {"name": item.get("name"), "source": stat, "foreground": foreground}
+        atomic_write_json(folder / "meta.json", dict(meta, classes=np.unique(label).tolist()))
     meta = json.loads((folder / "meta.json").read_text())
     return {
         "image": str(folder / "image.npy"),
         "label": str(folder / "label.npy"),
         "name": item.get("name"),
         "foreground": meta["foreground"],
+        "classes": meta.get("classes"),
     }
 
 
@@ -73,6 +76,10 @@ class VolumeCacheDataset(Dataset):
     all axial slices of all volumes, ``transform`` loading one slice (:class:`LoadCachedd`); with
     ``slices=False`` they are whole volumes. ``skip_empty`` is the probability that a slice without foreground
     is replaced by a random slice with foreground each time it is drawn.
+
+    An item with ``"val_slices"`` (:func:`make_datalist` with ``val_slices``) has a held-back block of axial
+    slices: with ``slices=True`` its slices outside the block are the items (training never sees the block);
+    with ``slices=False`` the item is the block alone, a sub-volume named ``<name>[start:stop]`` (validation).
 
     Not MONAI's ``PersistentDataset``: it pickles whole transformed items, so every slice drawn would read its
     whole volume; here each volume is kept once, slice-major and memory-mapped, and a slice is one small read.
@@ -86,18 +93,36 @@ class VolumeCacheDataset(Dataset):
         cache_dir: str,
         slices: bool = True,
         skip_empty: float = 0.0,
+        class_names: list[str] | None = None,
     ):
-        entries = [cache_volume(item, volume_transform, cache_dir) for item in data]
-        if slices:
-            items = [dict(e, slice=k, foreground=fg) for e in entries for k, fg in enumerate(e["foreground"])]
-        else:
-            items = [dict(e, foreground=any(e["foreground"])) for e in entries]
+        items, present = [], set()
+        for item in data:
+            e = cache_volume(item, volume_transform, cache_dir)
+            present.update(e.pop("classes") or [])
+            fg = e["foreground"]
+            a, b = (0, 0)
+            if item.get("val_slices") is not None:
+                a, b = val_block(item["val_slices"], len(fg), item["image"])
+            if slices:
+                items += [dict(e, slice=k, foreground=f) for k, f in enumerate(fg) if not a <= k < b]
+            elif b > a:
+                items.append(dict(e, name=f"{e['name']}[{a}:{b}]", block=[a, b], foreground=any(fg[a:b])))
+            else:
+                items.append(dict(e, foreground=any(fg)))
         super().__init__(items, transform)
         self.skip_empty = float(skip_empty)
         self.with_foreground = [i for i, d in enumerate(items) if d["foreground"]]
         if slices and data:  # training: the labels must hold foreground somewhere
             check_foreground(len(self.with_foreground), len(items), Path(data[0]["label"]).parent, "label slices")
-        logger.info(f"{len(entries)} volumes, {len(items)} {'slices' if slices else 'volumes'} cached in {cache_dir}")
+        absent = [n for i, n in enumerate(class_names or []) if i and i not in present]
+        if slices and data and absent:
+            logger.warning(
+                f"{Path(data[0]['label']).parent}: no training volume holds {', '.join(absent)}: the model cannot "
+                "learn to segment them"
+            )
+        if not slices and any("block" in d for d in items) and not self.with_foreground:
+            logger.warning(f"{Path(data[0]['label']).parent}: no held-back val_slices block has any foreground")
+        logger.info(f"{len(data)} volumes, {len(items)} {'slices' if slices else 'volumes'} cached in {cache_dir}")
 
     def _transform(self, index: int):
         if self.skip_empty > 0 and not self.data[index]["foreground"] and self.with_foreground:
@@ -107,13 +132,16 @@ class VolumeCacheDataset(Dataset):
 
 
 class LoadCachedd(MapTransform):
-    """Read cached arrays: slice ``d["slice"]`` as (1, S, S), or the whole volume as (1, S, S, D), float32."""
+    """Read cached arrays: slice ``d["slice"]`` as (1, S, S), or the whole volume as (1, S, S, D), float32 (only
+    its axial slices ``d["block"] = [start, stop)`` when given)."""
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict:
         d = dict(data)
-        k = d.get("slice")
+        k, block = d.get("slice"), d.get("block")
         for key in self.key_iterator(d):
             array = np.load(d[key], mmap_mode="r")
+            if block is not None:
+                array = array[block[0] : block[1]]
             x = array[k] if k is not None else np.moveaxis(array, 0, -1)
             d[key] = torch.from_numpy(np.asarray(x, dtype=np.float32))[None]
         return d

@@ -52,7 +52,8 @@ class SaveVolumed(MapTransform):
 
     The affine is the input's own (``original_affine`` of ``d[name_key]``), so the mask overlays the input; a
     NIfTI input also lends its header (qform/sform codes). Binary masks are stored as uint8 0/1, other maps
-    (``dtype="float32"``) as float32.
+    (``dtype="float32"``) as float32. ``values`` maps class indices to label values (multi-class masks: BTCV ids).
+    A float map of C > 1 channels (per-class probabilities) is written as a 4D NIfTI (H, W, D, C).
 
     Not MONAI's ``SaveImaged``: its ``NibabelWriter`` writes straight to the target file (no temporary renamed over
     it, :func:`scripts.io_utils.atomic_path`) and builds a new header without the input's qform/sform codes.
@@ -65,9 +66,11 @@ class SaveVolumed(MapTransform):
         name_key: str = "image",
         dtype: str = "uint8",
         allow_missing_keys=False,
+        values: list[int] | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir, self.name_key, self.dtype = Path(output_dir), name_key, np.dtype(dtype)
+        self.values = None if values is None else np.asarray(values)
 
     def __call__(self, data):
         d = dict(data)
@@ -78,9 +81,14 @@ class SaveVolumed(MapTransform):
         header = nib.load(source).header.copy() if source.lower().endswith((".nii", ".nii.gz")) else None
         for key in self.key_iterator(d):
             value = torch.as_tensor(d[key]).detach().float().cpu().numpy()
-            if value.ndim != 4 or value.shape[0] != 1 or value.shape[1:] != shape:
-                raise ValueError(f"{key} for {source}: expected a (1, *{shape}) volume, got shape {value.shape}")
-            array = np.round(value[0]).astype(self.dtype) if self.dtype.kind in "iu" else value[0].astype(self.dtype)
+            channels = 1 if self.dtype.kind in "iu" else value.shape[0]
+            if value.ndim != 4 or value.shape[0] != channels or value.shape[1:] != shape:
+                raise ValueError(f"{key} for {source}: expected a ({channels}, *{shape}) volume, got {value.shape}")
+            if self.dtype.kind in "iu":
+                index = np.round(value[0]).astype(np.int64)
+                array = (index if self.values is None else self.values[index]).astype(self.dtype)
+            else:
+                array = (value[0] if channels == 1 else np.moveaxis(value, 0, -1)).astype(self.dtype)
             img = nib.Nifti1Image(array, affine, header)
             img.set_data_dtype(self.dtype)
             img.header.set_slope_inter(1.0, 0.0)

@@ -18,14 +18,15 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRanged,
 )
-from monai.utils import ImageMetaKey
+from monai.utils import ImageMetaKey, convert_to_dst_type
 
+from scripts.classes import get_class_set
 from scripts.data import DatasetError
 from scripts.transforms import LoadImaged
 from scripts.volumes.datalist import DATASETS, TRANSUNET8
 from scripts.volumes.reading import SimpleITKReader
 
-__all__ = ["CheckVolumed", "Foregroundd", "volume_transforms"]
+__all__ = ["CheckVolumed", "Foregroundd", "ClassIndexd", "volume_transforms"]
 
 
 def _filename(x) -> str:
@@ -78,20 +79,45 @@ class Foregroundd(MapTransform):
         return d
 
 
+class ClassIndexd(MapTransform):
+    """Label volume -> class indices 0..C-1 (float) of a multi-class ``--classes`` (:mod:`scripts.classes`): BTCV ids
+    to their class; a value outside the set fails naming the file, the value and the ``--classes`` in force."""
+
+    def __init__(self, keys: KeysCollection, classes: str, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.class_set = get_class_set(classes)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            y = d[key]
+            index = self.class_set.to_index(y, _filename(y))
+            d[key] = convert_to_dst_type(index, y, dtype=torch.float32)[0]  # a MetaTensor keeps its metadata
+        return d
+
+
 def volume_transforms(
     dataset: str,
     hu_window: tuple[float, float],
     image_size: int,
     foreground: str = "all13",
     resample_label: bool = True,
+    classes: str = "binary",
 ) -> Compose:
     """The volume chain: ``image`` (and ``label`` if present) file -> image (3, S, S, D) in [-1, 1] with axial
-    slices along the last axis (RAS), label binary. ``resample_label=False`` keeps the label on its own grid
+    slices along the last axis (RAS), label binary (``classes="binary"``, by ``foreground``) or class indices 0..C-1 of
+    a multi-class ``classes`` (:class:`ClassIndexd`). ``resample_label=False`` keeps the label on its own grid
     (for metrics at the original resolution). ``Invertd`` with this chain maps predictions back onto the input.
 
     The returned ``Compose`` has a ``signature`` (its arguments) that keys the slice cache.
     """
     geometric = ["image", "label"] if resample_label else ["image"]
+    class_set = get_class_set(classes)
+    class_set.check_dataset(dataset)
+    if class_set.binary:
+        target = Foregroundd("label", dataset, foreground, allow_missing_keys=True)
+    else:
+        target = ClassIndexd("label", classes, allow_missing_keys=True)
     chain = Compose(
         [
             # readers are tried last first: nibabel for NIfTI, SimpleITK for the rest; read errors name the file
@@ -102,7 +128,7 @@ def volume_transforms(
             EnsureChannelFirstd(["image", "label"], channel_dim="no_channel", allow_missing_keys=True),
             Orientationd(geometric, axcodes="RAS", labels=None, allow_missing_keys=True),
             ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=-1.0, b_max=1.0, clip=True),
-            Foregroundd("label", dataset, foreground, allow_missing_keys=True),
+            target,
             Resized(
                 geometric,
                 spatial_size=(image_size, image_size, -1),
@@ -113,5 +139,6 @@ def volume_transforms(
             EnsureTyped(["image", "label"], dtype=torch.float32, allow_missing_keys=True),
         ]
     )
-    chain.signature = json.dumps([dataset, list(hu_window), int(image_size), foreground, bool(resample_label), 1])
+    signature = [dataset, list(hu_window), int(image_size), foreground, bool(resample_label), 1]
+    chain.signature = json.dumps(signature + ([] if class_set.binary else [class_set.name]))
     return chain

@@ -26,7 +26,14 @@ from scripts.weights.reading import (
     unwrap_autoencoder,
 )
 
-__all__ = ["convert_kl_state_dict", "describe_autoencoder", "config_hint", "check_kl_fit", "load_kl_weights"]
+__all__ = [
+    "convert_kl_state_dict",
+    "describe_autoencoder",
+    "config_hint",
+    "check_kl_fit",
+    "load_kl_weights",
+    "load_autoencoder",
+]
 
 
 def _key_layout(sd: Mapping[str, torch.Tensor]) -> str:
@@ -215,3 +222,17 @@ def load_kl_weights(path: str | os.PathLike, autoencoder: AutoencoderKL) -> Auto
     check_kl_fit(autoencoder.state_dict(), sd, str(file))
     autoencoder.load_state_dict(sd)
     return autoencoder
+
+
+def load_autoencoder(autoencoder: AutoencoderKL, path: str | os.PathLike) -> AutoencoderKL:
+    """Load mask-autoencoder weights into ``autoencoder``: the autoencoder stage's state dict, a file converted by
+    ``python -m scripts.tools.convert_weights convert``, or pretrained kl-f8 / SD VAE weights (CompVis ``.ckpt``,
+    diffusers ``.safetensors`` / ``.bin`` or model folder), which need ``autoencoder_layout: ldm``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"mask autoencoder weights not found: {path}. Train them first "
+            "(python -m monai.bundle run training --config_file configs/train_autoencoder.yaml ...) or, for the "
+            "paper preset, download LDM kl-f8 (https://ommer-lab.com/files/latent-diffusion/kl-f8.zip, model.ckpt) "
+            "or the SD VAE (stabilityai/sd-vae-ft-mse) and point autoencoder_path at it."
+        )
+    return load_kl_weights(path, autoencoder)
