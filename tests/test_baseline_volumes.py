@@ -137,7 +137,7 @@ def test_refusal_reaches_the_user_before_training(demo_volumes, tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files]
     cmd += ["--bundle_root", str(tmp_path), "--dataset_dir", str(demo_volumes / "btcv")]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert proc.returncode != 0
     assert "configs/baseline_unet.yaml replaces SDSeg's networks and cannot be combined with" in proc.stderr
     assert "configs/train_autoencoder.yaml" in proc.stderr and "Epoch" not in proc.stdout + proc.stderr
@@ -173,7 +173,7 @@ def test_compare_on_ct_volumes_per_volume_side_by_side(demo_volumes, tmp_path):
     cmd += ["--set", "max_iterations=4", "val_interval=2", "autoencoder_max_iterations=4", "autoencoder_val_interval=2"]
     cmd += ["batch_size=4", "image_size=32", "--baseline_set", "val_interval=2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "compare_test.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["plain MONAI UNet", "SDSeg 1 step, mean of 2 seeds"]
