@@ -153,9 +153,9 @@ def test_other_combinations_start(files, tmp_path):
     parse_configs(files, bundle_root=str(tmp_path), device="cpu").get_parsed_content("initialize")
 
 
-def test_compare_on_ct_volumes_per_volume_side_by_side(demo_volumes, tmp_path):
-    """``compare --dataset btcv`` with a split file (one volume per split) and --foreground: both models through
-    ct.yaml, scored per volume with Dice, IoU and HD95, SDSeg over its seeds."""
+def _compare(demo_volumes, tmp_path, *extra: str):
+    """``compare --dataset btcv`` on tiny settings (one volume per split, 32 px, 4 iterations a stage): its output
+    folder and the finished process."""
     split = tmp_path / "split.json"
     split.write_text('{"train": ["0005"], "val": ["0009"], "test": ["0001"]}')
     out = tmp_path / "cmp"
@@ -168,13 +168,20 @@ def test_compare_on_ct_volumes_per_volume_side_by_side(demo_volumes, tmp_path):
         "--dataset_dir",
         str(demo_volumes / "btcv"),
     ]
-    cmd += ["--split_file", str(split), "--foreground", "all13", "--cache_dir", str(tmp_path / "cache")]
+    cmd += ["--split_file", str(split), *extra, "--cache_dir", str(tmp_path / "cache")]
     cmd += ["--out", str(out), "--seeds", "2", "--samples", "1", "--budget_s", "1"]
     cmd += ["--set", "max_iterations=4", "val_interval=2", "autoencoder_max_iterations=4", "autoencoder_val_interval=2"]
     cmd += ["batch_size=4", "image_size=32", "--baseline_set", "val_interval=2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_compare_on_ct_volumes_per_volume_side_by_side(demo_volumes, tmp_path):
+    """``compare --dataset btcv`` with a split file (one volume per split) and --foreground: both models through
+    ct.yaml, scored per volume with Dice, IoU and HD95, SDSeg over its seeds."""
+    out, proc = _compare(demo_volumes, tmp_path, "--foreground", "all13")
     res = json.loads((out / "compare_test.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["plain MONAI UNet", "SDSeg 1 step, mean of 2 seeds"]
     assert all({"dice", "iou", "hd95"} <= set(r) for r in res["rows"])
@@ -192,3 +199,51 @@ def test_compare_on_ct_volumes_per_volume_side_by_side(demo_volumes, tmp_path):
     mask = nib.load(out / "baseline" / "test" / "masks" / "img0001.nii.gz")
     assert mask.shape == nib.load(demo_volumes / "btcv" / "img" / "img0001.nii.gz").shape
     assert "per volume" in proc.stdout and "hd95" in (out / "compare_test.md").read_text()
+    assert res["classes"] == "binary" and res["organs"] == [] and "--classes" not in t["sdseg"]["command"]
+    assert "--classes" not in t["baseline"]["command"] and "per organ" not in proc.stdout
+
+
+def test_compare_all13_per_organ_table_from_each_summary(demo_volumes, tmp_path):
+    """``compare --dataset btcv --classes all13``: both models segment the 13 organs, and the per-organ table holds,
+    per organ, the UNet's Dice and SDSeg's mean over the seeds exactly as each evaluation's summary.json has them,
+    then the mean over organs (their ``organ_mean_dice``)."""
+    out, proc = _compare(demo_volumes, tmp_path, "--classes", "all13")
+    res = json.loads((out / "compare_test.json").read_text())
+    t = res["timings"]
+    assert "--classes all13" in t["autoencoder"]["command"] and "--classes all13" in t["sdseg"]["command"]
+    assert "--classes all13" in t["baseline"]["command"] and "configs/baseline_unet.yaml" in t["baseline"]["command"]
+    organs = [
+        "spleen",
+        "kidney_right",
+        "kidney_left",
+        "gallbladder",
+        "esophagus",
+        "liver",
+        "stomach",
+        "aorta",
+        "inferior_vena_cava",
+        "portal_vein_and_splenic_vein",
+        "pancreas",
+        "adrenal_gland_right",
+        "adrenal_gland_left",
+    ]
+    assert res["classes"] == "all13" and [r["organ"] for r in res["organs"]] == [*organs, "organ mean"]
+    assert all(set(r) == {"organ", "unet_dice", "sdseg_dice", "sdseg_spread"} for r in res["organs"])
+    unet = json.loads((out / "baseline" / "test" / "summary.json").read_text())
+    seeds = [json.loads((out / "sdseg" / "test" / f"seed{s}" / "summary.json").read_text()) for s in range(2)]
+
+    def seed_mean(key):
+        vals = [s[key]["mean"] if isinstance(s[key], dict) else s[key] for s in seeds]
+        vals = [v for v in vals if v is not None and not np.isnan(v)]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    rows = {r["organ"]: r for r in res["organs"]}
+    for organ in organs:
+        assert rows[organ]["unet_dice"] == pytest.approx(unet[f"dice_{organ}"]["mean"], nan_ok=True), organ
+        assert rows[organ]["sdseg_dice"] == pytest.approx(seed_mean(f"dice_{organ}"), nan_ok=True), organ
+    assert rows["organ mean"]["unet_dice"] == pytest.approx(unet["organ_mean_dice"], nan_ok=True)
+    assert rows["organ mean"]["sdseg_dice"] == pytest.approx(seed_mean("organ_mean_dice"), nan_ok=True)
+    assert any(not np.isnan(rows[o]["unet_dice"]) for o in organs)  # the test volume holds organs
+    md = (out / "compare_test.md").read_text()
+    assert "per organ" in md and "| liver" in md and "| adrenal_gland_left" in md and "| organ mean" in md
+    assert "per organ" in proc.stdout

@@ -79,3 +79,20 @@ def test_compare_command_trains_both_and_reports_seeds_and_samples(demo_root, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "compare_val.json").read_text())
     assert again["seed_dice"] == seeds and again["timings"] == t
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "sts3d", "--classes", "all13"], "needs --dataset btcv"),
+        (["--dataset", "kvasir", "--classes", "transunet8"], "needs --dataset btcv"),
+        (["--dataset", "btcv", "--classes", "all13", "--foreground", "transunet8"], "segments every organ"),
+    ],
+)
+def test_compare_classes_refused_where_it_cannot_apply(argv, message, tmp_path):
+    """``--classes`` other than binary is BTCV's organs and replaces ``--foreground``: refused before any training."""
+    from scripts.tools import compare
+
+    with pytest.raises(SystemExit, match=message):
+        compare.main([*argv, "--out", str(tmp_path / "cmp")])
+    assert not (tmp_path / "cmp").exists()

@@ -38,6 +38,29 @@ def test_tool_answers_help(name, monkeypatch, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_demo_classes_all13_runs_the_3d_job_with_every_organ():
+    """``demo --classes all13``: 3D demo volumes, then both stages and the evaluation through ct.yaml with
+    ``--classes all13`` on BTCV; the default stays the 2D binary cvc job."""
+    from scripts.tools import demo
+
+    steps = demo.steps(demo._parser().parse_args(["--classes", "all13"]))
+    assert [name for name, _ in steps] == ["demo data", "mask autoencoder", "SDSeg training", "evaluation"]
+    assert steps[0][1][-1] == "--3d"
+    for name, cmd in steps[1:]:
+        text = " ".join(cmd)
+        assert "'configs/ct.yaml'" in text and "--classes all13" in text and "--dataset btcv" in text, name
+    assert "'configs/train_autoencoder.yaml','configs/ct.yaml','configs/tiny.yaml'" in " ".join(steps[1][1])
+    assert steps[3][1][4] == "evaluate" and "'configs/evaluate.yaml','configs/ct.yaml'" in steps[3][1][6]
+
+    default = demo.steps(demo._parser().parse_args([]))
+    assert "--3d" not in default[0][1]
+    for name, cmd in default[1:]:
+        text = " ".join(cmd)
+        assert "ct.yaml" not in text and "--classes" not in text and "--dataset cvc" in text, name
+    with pytest.raises(SystemExit):  # the 3D demo is BTCV's; --dataset picks a 2D one
+        demo.main(["--classes", "all13", "--dataset", "kvasir"])
+
+
 def test_mean_std_and_summaries():
     assert mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, math.sqrt(1.25))  # population std
     assert all(math.isnan(v) for v in mean_std([]))

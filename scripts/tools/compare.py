@@ -17,7 +17,11 @@
 CT volumes (``--dataset btcv|sts3d``): both models add ``configs/ct.yaml`` (same windows, axial slices, slice
 cache ``--cache_dir`` and split ``--split_file``; ``--foreground all13|transunet8`` for BTCV), validate and are
 scored per volume on the input grid, and the table gains HD95 (mm) and a per-volume table: the UNet's Dice, IoU,
-HD95 beside SDSeg's (mean over the seeds, and the spread of its Dice).
+HD95 beside SDSeg's (mean over the seeds, and the spread of its Dice). ``--classes all13|transunet8`` (btcv; default
+binary) segments every organ as its own class in both models (SDSeg's mask codec, the UNet's softmax outputs), and
+adds a per-organ table read from each evaluation's ``summary.json``: per organ the UNet's mean Dice beside SDSeg's
+(mean over the seeds, and its spread), then the mean over organs (``organ_mean_dice``); Dice/IoU/HD95 above are
+then the means over organs.
 
 Prints the tables and writes ``<out>/compare_<split>.json`` (every figure, per-case rows included) and
 ``compare_<split>.md`` (the tables); models and per-case tables under ``<out>/sdseg`` and ``<out>/baseline``.
@@ -35,10 +39,11 @@ from pathlib import Path
 import torch
 
 from scripts.bundle_config import parse_configs
+from scripts.classes import get_class_set
 from scripts.io_utils import atomic_write_json, atomic_write_text
 from scripts.metrics import format_table
 from scripts.sampler import SDSegInferer
-from scripts.tools.compare_parts import case_rows, evaluate, parse_set, run_stage
+from scripts.tools.compare_parts import case_rows, evaluate, organ_rows, parse_set, run_stage
 
 __all__ = ["main", "run_stage", "evaluate"]
 
@@ -52,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cvc", choices=["cvc", "kvasir", "refuge2", *VOLUMES])
     p.add_argument("--dataset_dir", default=None, help="default: data/demo/<dataset>")
     p.add_argument("--split_file", default=None, help='a JSON {"train": [...], "val": [...], "test": [...]}')
-    p.add_argument("--foreground", default=None, help="btcv: all13 (default) | transunet8")
+    p.add_argument("--foreground", default=None, help="btcv, binary: all13 (default) | transunet8")
+    p.add_argument(
+        "--classes",
+        default="binary",
+        choices=["binary", "all13", "transunet8"],
+        help="btcv: every organ its own class, for both models; adds a per-organ Dice table",
+    )
     p.add_argument("--cache_dir", default=None, help="btcv/sts3d: the slice cache (default: ct.yaml's data/cache)")
     p.add_argument("--configs", nargs="+", default=["tiny.yaml"], help="SDSeg overlays of train.yaml, preset last")
     shared = ", ".join(SHARED_KEYS)
@@ -74,10 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     volumes = args.dataset in VOLUMES
     if args.foreground and args.dataset != "btcv":
         raise SystemExit("--foreground chooses BTCV's organs (all13 | transunet8); it needs --dataset btcv")
+    multi = args.classes != "binary"
+    if multi and args.dataset != "btcv":
+        raise SystemExit(f"--classes {args.classes} is for BTCV's organs; it needs --dataset btcv")
+    if multi and args.foreground:
+        raise SystemExit(f"--foreground is the binary foreground; --classes {args.classes} segments every organ")
     if args.cache_dir and not volumes:
         raise SystemExit(f"--cache_dir is the slice cache of CT volumes ({' | '.join(VOLUMES)})")
     out = Path(args.out).resolve()
     data = {"dataset": args.dataset, "split_file": args.split_file, "foreground": args.foreground}
+    data["classes"] = args.classes if multi else None  # binary: the commands stay as they were
     if args.dataset_dir:
         data["dataset_dir"] = str(Path(args.dataset_dir).resolve())
     if args.cache_dir:
@@ -172,12 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
         names = ["case", *(f"{m}_{c}" for c in columns for m in ("unet", "sdseg")), "sdseg_dice_spread"]
         text += f"\nper volume (SDSeg: mean over the {args.seeds} seeds; HD95 in mm)\n"
         text += format_table(cases, names, digits=3) + "\n"
+    organs = []
+    if multi:  # the per-organ means each evaluation wrote to its summary.json
+        seed_dirs = [out / "sdseg" / args.split / f"seed{s}" for s in range(args.seeds)]
+        organs = organ_rows(out / "baseline" / args.split, seed_dirs, get_class_set(args.classes).organs)
+        text += f"\nper organ, Dice (--classes {args.classes}; SDSeg: mean over the {args.seeds} seeds)\n"
+        text += format_table(organs, ["organ", "unet_dice", "sdseg_dice", "sdseg_spread"], digits=3) + "\n"
     print(text)
     result = {
         "dataset": args.dataset,
         "split": args.split,
         "split_file": args.split_file,
         "foreground": args.foreground,
+        "classes": args.classes,
         "configs": sdseg_configs,
         "overrides": sd_set,
         "baseline_overrides": {k: v for k, v in baseline.items() if k not in data and k != "ckpt_dir"},
@@ -187,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timings": timings,
         "rows": rows,
         "cases": cases,
+        "organs": organs,
         "sdseg": sd,
         "baseline": unet,
         "seed_dice": seeds,

@@ -4,6 +4,7 @@ by side."""
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import shlex
@@ -18,7 +19,7 @@ from scripts.bundle_config import ROOT, parse_configs
 from scripts.evaluation import run_with_inferer
 from scripts.metrics import mean_std, summarise
 
-__all__ = ["run_stage", "evaluate", "parse_set", "case_rows"]
+__all__ = ["run_stage", "evaluate", "parse_set", "case_rows", "organ_rows"]
 
 
 def _children_cpu_s() -> float:
@@ -103,4 +104,26 @@ def case_rows(unet: dict, seeds: list[dict], columns: tuple[str, ...]) -> list[d
         dice = [float(r["dice"]) for r in runs]
         row["sdseg_dice_spread"] = max(dice) - min(dice)
         rows.append(row)
+    return rows
+
+
+def organ_rows(unet_dir: Path, seed_dirs: list[Path], organs: tuple[str, ...]) -> list[dict]:
+    """One row per organ, read from the evaluations' own ``summary.json`` files (not recomputed): the UNet's mean
+    Dice of that organ beside SDSeg's, averaged over the noise seeds (a seed where the organ is NaN, absent from both
+    truth and prediction in every case, is left out), and the spread of SDSeg's over the seeds (max - min); then a
+    row ``organ mean``: each summary's ``organ_mean_dice`` (the mean over organs), SDSeg's averaged over the seeds."""
+    unet = json.loads((unet_dir / "summary.json").read_text())
+    seeds = [json.loads((d / "summary.json").read_text()) for d in seed_dirs]
+
+    def num(v) -> float:  # NaN may be stored as null
+        return float("nan") if v is None else float(v)
+
+    def row(name: str, unet_value, seed_values: list) -> dict:
+        seed_values = [num(v) for v in seed_values]
+        vals = [v for v in seed_values if not math.isnan(v)]
+        spread = max(vals) - min(vals) if vals else float("nan")
+        return {"organ": name, "unet_dice": num(unet_value), "sdseg_dice": _mean(seed_values), "sdseg_spread": spread}
+
+    rows = [row(o, unet[f"dice_{o}"]["mean"], [s[f"dice_{o}"]["mean"] for s in seeds]) for o in organs]
+    rows.append(row("organ mean", unet["organ_mean_dice"], [s["organ_mean_dice"] for s in seeds]))
     return rows

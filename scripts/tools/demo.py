@@ -3,6 +3,10 @@
 Runs, as separate ``python -m monai.bundle run ...`` commands (printed as they start, so they can be
 copied): demo data -> mask autoencoder stage -> SDSeg training -> evaluation on the test split,
 then prints the test Dice and the time each stage took.
+
+``--classes all13`` (or ``transunet8``) runs the 3D job instead, every organ its own class: BTCV-like demo volumes
+(``demo_data --3d``: all 13 organs, the small ones included), both stages and the per-volume evaluation through
+``configs/ct.yaml`` with ``--classes``, then prints the mean organ Dice and each organ's Dice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import time
 
 from scripts.bundle_config import ROOT
+from scripts.classes import get_class_set
 
 
 def bundle(run_id: str, configs: list[str], *args: str) -> list[str]:
@@ -22,39 +27,72 @@ def bundle(run_id: str, configs: list[str], *args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="cvc", choices=["cvc", "kvasir", "refuge2"])
-    parser.add_argument("--n", type=int, default=100, help="demo images per dataset (default: 100)")
+    parser.add_argument("--dataset", default=None, choices=["cvc", "kvasir", "refuge2"], help="2D (default: cvc)")
+    parser.add_argument(
+        "--classes",
+        default="binary",
+        choices=["binary", "all13", "transunet8"],
+        help="all13 | transunet8: the 3D demo on BTCV-like volumes (configs/ct.yaml), every organ its own class",
+    )
+    parser.add_argument("--n", type=int, default=100, help="demo images per dataset (default: 100; 2D only)")
     parser.add_argument(
         "--iterations",
         type=int,
         default=1000,
         help="SDSeg training iterations (default: 1000; the tiny preset's own 2700 are sized for real images)",
     )
-    args = parser.parse_args()
-    data = ["--dataset", args.dataset]
+    return parser
+
+
+def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The demo's commands, ``(name, argv)`` in order."""
     iterations = ["--max_iterations", str(args.iterations), "--val_interval", str(max(1, args.iterations // 4))]
-    steps = [
-        ("demo data", [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo", "--n", str(args.n)]),
-        ("mask autoencoder", bundle("training", ["train.yaml", "train_autoencoder.yaml", "tiny.yaml"], *data)),
-        ("SDSeg training", bundle("training", ["train.yaml", "tiny.yaml"], *data, *iterations)),
-        ("evaluation", bundle("evaluate", ["inference.yaml", "evaluate.yaml", "tiny.yaml"], *data)),
+    if args.classes == "binary":
+        data, ct = ["--dataset", args.dataset or "cvc"], []
+        make_data = [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo", "--n", str(args.n)]
+    else:
+        data = ["--dataset", "btcv", "--classes", args.classes]  # dataset_dir: data/demo/btcv, the configs' default
+        ct = ["ct.yaml"]
+        make_data = [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo", "--3d"]
+    return [
+        ("demo data", make_data),
+        ("mask autoencoder", bundle("training", ["train.yaml", "train_autoencoder.yaml", *ct, "tiny.yaml"], *data)),
+        ("SDSeg training", bundle("training", ["train.yaml", *ct, "tiny.yaml"], *data, *iterations)),
+        ("evaluation", bundle("evaluate", ["inference.yaml", "evaluate.yaml", *ct, "tiny.yaml"], *data)),
     ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.classes != "binary" and args.dataset:
+        raise SystemExit(f"--classes {args.classes} runs the 3D BTCV demo; --dataset chooses the 2D one")
     times = {}
-    for name, cmd in steps:
+    for name, cmd in steps(args):
         print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
         times[name] = time.perf_counter() - start
-    summary = json.loads((ROOT / "eval" / "summary.json").read_text())
+    report(json.loads((ROOT / "eval" / "summary.json").read_text()), times, args.classes)
+
+
+def report(summary: dict, times: dict, classes: str = "binary") -> None:
+    """Print the stage times and the test scores of ``summary`` (the evaluation's summary.json); multi-class: the
+    mean organ Dice and each organ's Dice too."""
     print("\n=== demo finished")
     for name, seconds in times.items():
         print(f"{name:>18}: {seconds:7.1f} s")
     print(f"{'total':>18}: {sum(times.values()):7.1f} s")
     d, i = summary["dice"], summary["iou"]
-    print(f"test Dice {d['mean']:.4f} ± {d['std']:.4f}, IoU {i['mean']:.4f} ± {i['std']:.4f} over {d['n']} images")
-    print(f"masks: {ROOT / 'eval' / 'masks'}, per-image table: {ROOT / 'eval' / 'metrics.csv'}")
+    unit = "images" if classes == "binary" else "volumes"
+    print(f"test Dice {d['mean']:.4f} ± {d['std']:.4f}, IoU {i['mean']:.4f} ± {i['std']:.4f} over {d['n']} {unit}")
+    if classes != "binary":
+        print(f"mean organ Dice {summary['organ_mean_dice']:.4f} (--classes {classes}); per organ:")
+        for organ in get_class_set(classes).organs:
+            s = summary[f"dice_{organ}"]
+            print(f"{organ:>30}: {s['mean']:.4f} ± {s['std']:.4f} over {s['n']} volumes")
+    print(f"masks: {ROOT / 'eval' / 'masks'}, per-{unit[:-1]} table: {ROOT / 'eval' / 'metrics.csv'}")
 
 
 if __name__ == "__main__":
