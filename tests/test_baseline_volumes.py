@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, parse_configs, run_bundle
 
 from scripts.baseline import ProbabilityInferer, check_overlays
+from scripts.classes import get_class_set
 from scripts.volumes.inference import VolumeInferer
 
 TRAIN = ["train.yaml", "ct.yaml", "tiny.yaml", "baseline_unet.yaml"]
@@ -212,21 +213,7 @@ def test_compare_all13_per_organ_table_from_each_summary(demo_volumes, tmp_path)
     t = res["timings"]
     assert "--classes all13" in t["autoencoder"]["command"] and "--classes all13" in t["sdseg"]["command"]
     assert "--classes all13" in t["baseline"]["command"] and "configs/baseline_unet.yaml" in t["baseline"]["command"]
-    organs = [
-        "spleen",
-        "kidney_right",
-        "kidney_left",
-        "gallbladder",
-        "esophagus",
-        "liver",
-        "stomach",
-        "aorta",
-        "inferior_vena_cava",
-        "portal_vein_and_splenic_vein",
-        "pancreas",
-        "adrenal_gland_right",
-        "adrenal_gland_left",
-    ]
+    organs = list(get_class_set("all13").organs)  # the one class-set definition
     assert res["classes"] == "all13" and [r["organ"] for r in res["organs"]] == [*organs, "organ mean"]
     assert all(set(r) == {"organ", "unet_dice", "sdseg_dice", "sdseg_spread"} for r in res["organs"])
     unet = json.loads((out / "baseline" / "test" / "summary.json").read_text())

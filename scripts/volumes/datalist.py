@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from scripts.bundle_config import CONFIGS
+from scripts.classes import TRANSUNET8_IDS
 from scripts.data import DatasetError, natural_key, read_split_file
 from scripts.volumes.reading import VOLUME_SUFFIXES, check_pair, volume_stem
 
@@ -39,7 +40,7 @@ DATASETS = {  # image folder, label folder, name prefixes to strip, largest labe
     },
 }
 BTCV_TEST = ("0001", "0002", "0003", "0004", "0008", "0022", "0025", "0029", "0032", "0035", "0036", "0038")
-TRANSUNET8 = (1, 2, 3, 4, 6, 7, 8, 11)  # spleen, r./l. kidney, gallbladder, liver, stomach, aorta, pancreas
+TRANSUNET8 = TRANSUNET8_IDS  # spleen, r./l. kidney, gallbladder, liver, stomach, aorta, pancreas (scripts/classes.py)
 
 
 def _volumes_in(folder: Path, prefixes: tuple[str, ...]) -> dict[str, Path]:
