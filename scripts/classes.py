@@ -9,7 +9,8 @@ codec (:mod:`scripts.mask_codec`), the metrics, the writers and the metadata rea
 
 A label voxel is mapped to its class index 0..C-1 (:meth:`ClassSet.to_index`); a value outside the set is an error
 naming the file, the value and the ``--classes`` in force. Predictions are class indices, written back as label
-values (:attr:`ClassSet.values`).
+values (:attr:`ClassSet.values`). :meth:`ClassSet.channel_def` (class index -> name) and :meth:`ClassSet.label_def`
+(label value -> name) name them in metadata.json (``python -m scripts.tools.metadata``) and in exported models.
 """
 
 from __future__ import annotations
@@ -110,6 +111,15 @@ class ClassSet:
         for i, v in enumerate(self.values):
             lut[int(v)] = i
         return lut[y.long()]
+
+    def channel_def(self) -> dict[str, str]:
+        """Output channel (class index) -> class name: the model zoo's ``channel_def`` of the C per-class outputs."""
+        return {str(i): name for i, name in enumerate(self.names)}
+
+    def label_def(self) -> dict[str, str]:
+        """Label value -> class name: what each value of a written label map (or an exported model's) means. The
+        same as :meth:`channel_def` except where values skip (``transunet8``: liver is channel 5, value 6)."""
+        return {str(v): name for v, name in zip(self.values, self.names)}
 
     def to_values(self, index: torch.Tensor) -> torch.Tensor:
         """Class indices -> label values (same shape, the input's dtype)."""

@@ -44,6 +44,17 @@ def test_class_sets_keep_btcv_ids_and_distinct_colours():
         assert float(d.min()) >= 2**0.5 - 1e-6  # every two codes well apart
 
 
+def test_channel_def_names_channels_and_label_def_names_label_values():
+    """The zoo's channel_def (output channel -> class) and the label-map key (value -> class), one source."""
+    all13, tu8 = get_class_set("all13"), get_class_set("transunet8")
+    assert all13.channel_def() == all13.label_def()  # BTCV ids are the channels
+    assert all13.channel_def()["0"] == "background" and all13.channel_def()["13"] == "adrenal_gland_left"
+    assert len(all13.channel_def()) == 14
+    assert tu8.channel_def()["5"] == "liver" == tu8.label_def()["6"] and tu8.label_def()["11"] == "pancreas"
+    assert list(tu8.label_def()) == ["0", "1", "2", "3", "4", "6", "7", "8", "11"]
+    assert get_class_set("disc_cup").label_def() == {"0": "background", "1": "optic_disc", "2": "optic_cup"}
+
+
 def test_label_values_map_to_classes_and_back_and_bad_values_name_the_file():
     label = torch.tensor([[0, 1, 5, 6, 11, 13]], dtype=torch.float32)
     for name in ("all13", "transunet8"):
