@@ -6,9 +6,14 @@
 The weights come from ``<ckpt_dir>/model.pt`` (``--ckpt_file`` to change); any other ``--key value`` overrides
 the config as in ``python -m monai.bundle run``. The exported program maps an image batch (B, 3, S, S) in
 [-1, 1], S = the config's ``image_size``, to a mask batch (B, 1, S, S) in {0, 1} (``--output_type score``:
-the probability map). The batch size is dynamic; the size is fixed because the noise z_T is part of the
-program: one draw from ``seed``, reused for every image, exactly as ``SDSegInferer`` draws it, so the
-exported program and ``python -m monai.bundle run inference`` give the same masks. TorchScript
+the probability map). A multi-class model (``--classes all13`` etc., with the ``--mask_encoding`` it was trained
+with) gives label maps instead: (B, 1, S, S) float32 holding the label values the bundle writes (the argmax
+class, as BTCV ids for ``all13`` / ``transunet8``); ``--output_type score`` gives the C class probabilities
+(B, C, S, S). What each value means (``labels``: label value -> class name; ``channels``: probability channel ->
+class name) is recorded in the file: ``export.json`` inside the ``.pt2``, metadata properties of the ONNX model
+(JSON text), beside ``classes`` and ``mask_encoding``. The batch size is dynamic; the size is fixed because the
+noise z_T is part of the program: one draw from ``seed``, reused for every image, exactly as ``SDSegInferer`` draws
+it, so the exported program and ``python -m monai.bundle run inference`` give the same masks. TorchScript
 (``torch.jit.script``) cannot compile MONAI's diffusion networks on monai 1.6.
 """
 
@@ -33,14 +38,17 @@ FORMATS = {"torch_export": ".pt2", "onnx": ".onnx"}
 
 
 class SingleStepSegmenter(nn.Module):
-    """SDSeg's single reverse step as one deterministic module: image (B, 3, S, S) -> mask or score (B, 1, S, S).
+    """SDSeg's single reverse step as one deterministic module: image (B, 3, S, S) -> mask or score (B, 1, S, S);
+    a multi-class network (its mask codec has ``label_values``): label map (B, 1, S, S) or scores (B, C, S, S).
 
     Args:
         network: a trained :class:`scripts.networks.SDSeg` (``fusion`` concat or crossattn).
         image_size: the side S of the images it takes (the preset's ``image_size``).
         seed: seeds z_T, drawn once on the CPU as ``SDSegInferer(seed=seed)`` draws it and kept as a buffer.
-        output: ``"mask"`` (score > ``threshold`` as float 0/1) or ``"score"`` (the probability map).
-        threshold: the mask threshold, 0.5 as in the inference config.
+        output: ``"mask"`` (score > ``threshold`` as float 0/1; multi-class: the label value of the argmax class, as
+            float, as the codec's ``prediction`` and the writer's ``values`` give it) or ``"score"`` (the
+            probability map; multi-class: one channel per class).
+        threshold: the mask threshold, 0.5 as in the inference config (binary only).
     """
 
     def __init__(
@@ -54,10 +62,29 @@ class SingleStepSegmenter(nn.Module):
         shape = network.latent_shape(torch.empty(1, 3, self.image_size, self.image_size))
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(self.seed))
         self.register_buffer("noise", noise.to(network.scale_factor.device))
+        codec = getattr(network, "codec", None)  # the baseline UNet has none: binary
+        self.class_set = codec.class_set if codec is not None and codec.multiclass else None
+        if self.class_set is not None:  # class index -> label value (binary: no buffer, its program is unchanged)
+            self.register_buffer("label_values", torch.tensor(self.class_set.values, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         score = self.network(image, noise=self.noise)
-        return (score > self.threshold).float() if self.output == "mask" else score
+        if self.output == "score":
+            return score
+        if self.class_set is not None:
+            return self.label_values.to(score.device)[score.argmax(dim=1, keepdim=True)]
+        return (score > self.threshold).float()
+
+    def class_settings(self) -> dict:
+        """What the output values mean, for the exported file; empty for binary (its record is unchanged)."""
+        if self.class_set is None:
+            return {}
+        return {
+            "classes": self.class_set.name,
+            "mask_encoding": self.network.codec.name,
+            "labels": self.class_set.label_def(),
+            "channels": self.class_set.channel_def(),
+        }
 
 
 def _parse_value(text: str):
@@ -91,7 +118,7 @@ def build_segmenter(
     image_size, seed = int(parser.get_parsed_content("image_size")), int(parser.get_parsed_content("seed"))
     model = SingleStepSegmenter(network.to(device), image_size, seed=seed, output=output).to(device)
     settings = {"checkpoint": str(ckpt), "image_size": image_size, "seed": seed, "output": output}
-    return model, settings
+    return model, {**settings, **model.class_settings()}
 
 
 def _example(model: SingleStepSegmenter, batch: int = 2) -> torch.Tensor:
@@ -117,7 +144,8 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike,
 def save_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Convert an exported program to ONNX (``torch.onnx.export(dynamo=True)``) and write it atomically.
 
-    Input ``image``, output ``pred``, dynamic batch. Needs ``onnx`` and ``onnxscript`` (requirements-dev.txt).
+    Input ``image``, output ``pred``, dynamic batch; ``extra`` goes into the model's metadata properties (strings
+    as they are, other values as JSON). Needs ``onnx`` and ``onnxscript`` (requirements-dev.txt).
     """
     try:
         import onnx  # noqa: F401
@@ -126,7 +154,7 @@ def save_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike, ex
         raise ImportError(f"ONNX export needs onnx and onnxscript (pip install -r requirements-dev.txt): {e}") from e
     onnx_program = torch.onnx.export(program, dynamo=True, output_names=["pred"], verbose=False)
     for key, value in (extra or {}).items():
-        onnx_program.model.metadata_props[key] = str(value)
+        onnx_program.model.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
     with atomic_path(path) as tmp:
         onnx_program.save(str(tmp), external_data=False)  # one file (fine below ONNX's 2 GB limit)
     return Path(path)
@@ -175,7 +203,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--format", choices=sorted(FORMATS), default="torch_export")
     p.add_argument("--output", default=None, help="default: sdseg.pt2 or sdseg.onnx next to the checkpoint")
     p.add_argument("--ckpt_file", default=None, help="default: <ckpt_dir>/model.pt")
-    p.add_argument("--output_type", choices=["mask", "score"], default="mask")
+    p.add_argument(
+        "--output_type",
+        choices=["mask", "score"],
+        default="mask",
+        help="mask: 0/1, or the label values of a multi-class model (--classes); score: the probabilities",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip_check", action="store_true", help="do not compare the exported model with eager")
     args, rest = p.parse_known_args(argv)
@@ -194,6 +227,8 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         save_onnx(program, out, extra)
     print(f"wrote {out} ({args.format}, {args.output_type}, {time.perf_counter() - t0:.1f} s)")
+    if "labels" in settings:
+        print(f"label values ({settings['classes']}): {settings['labels']}")
     if not args.skip_check:
         print(_check(model, out, args.format))
     return out
