@@ -25,6 +25,7 @@ TOOLS = (
     "demo_data",
     "export",
     "figures",
+    "metadata",
 )
 
 

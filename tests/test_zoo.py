@@ -19,8 +19,10 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from scripts.tools.bundle_check import LARGE_FILE_KEYS, check_large_files
+from scripts.tools.bundle_check import LARGE_FILE_KEYS, check_large_files, check_metadata
 from scripts.tools.bundle_check import main as bundle_check_main
+from scripts.tools.metadata import main as metadata_main
+from scripts.tools.metadata import multiclass_metadata
 
 SCHEMA = ROOT / "tests" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"
@@ -115,6 +117,81 @@ def test_pinned_versions_are_the_installed_ones():
         assert installed == version, f"{name}: pinned {version}, installed {installed}"
 
 
+# ---- multi-class metadata (python -m scripts.tools.metadata) --------------------------------------
+# written out here, not read from scripts/classes.py: a wrong or missing class name or value there fails these tests
+BTCV = "spleen kidney_right kidney_left gallbladder esophagus liver stomach aorta inferior_vena_cava".split()
+BTCV += "portal_vein_and_splenic_vein pancreas adrenal_gland_right adrenal_gland_left".split()
+CLASSES = {  # --classes: (class names in channel order, their label values)
+    "all13": (["background", *BTCV], list(range(14))),
+    "transunet8": (
+        ["background", "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "aorta", "pancreas"],
+        [0, 1, 2, 3, 4, 6, 7, 8, 11],
+    ),
+    "disc_cup": (["background", "optic_disc", "optic_cup"], [0, 1, 2]),
+}
+
+
+def write_metadata(tmp_path, classes: str) -> str:
+    out = tmp_path / f"metadata_{classes}.json"
+    metadata_main(["--classes", classes, "--base", str(METADATA), "--out", str(out)])
+    return str(out)
+
+
+@pytest.mark.parametrize("classes", sorted(CLASSES))
+def test_multiclass_metadata_validates_and_names_every_class(tmp_path, classes, capsys):
+    from monai.bundle import verify_metadata
+
+    path = write_metadata(tmp_path, classes)
+    verify_metadata(meta_file=path, filepath=str(SCHEMA), hash_val=SCHEMA_MD5)  # the zoo's check
+    meta = check_metadata(path, classes)  # ours: channel_def and label values against the class set
+    assert bundle_check_main(["--metadata", path, "--classes", classes]) == 0
+    names, values = CLASSES[classes]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == len(names) and pred["channel_def"] == {str(i): n for i, n in enumerate(names)}
+    labels = meta["network_data_format"]["post_processed_outputs"]["pred"]
+    assert labels["num_channels"] == 1 and labels["value_range"] == [0, max(values)] and labels["format"] == "labels"
+    for key in ("label_classes", "pred_classes"):  # what value 6 means
+        assert ", ".join(f"{v} {n}" for v, n in zip(values, names)) in meta[key]
+    assert "Multi-class" in meta["task"] and "eval_metrics" not in meta  # the binary figure is not claimed
+    assert meta["version"] == metadata()["version"] and meta["changelog"] == metadata()["changelog"]
+
+
+def test_binary_metadata_is_the_shipped_file_and_passes_the_check(tmp_path):
+    assert multiclass_metadata(metadata(), "binary") == metadata()
+    assert open(write_metadata(tmp_path, "binary"), "rb").read() == METADATA.read_bytes()  # regenerated identically
+    assert check_metadata(METADATA)["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "target"}
+    assert bundle_check_main([str(ROOT / "large_files.yml"), "--metadata", str(METADATA)]) == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["network_data_format"]["outputs"]["pred"]["channel_def"].update({"6": "lung"}), "channel_def"),
+        (lambda m: m["network_data_format"]["outputs"]["pred"]["channel_def"].pop("13"), "num_channels 14"),
+        (lambda m: m.update(pred_classes=m["pred_classes"].replace("11 pancreas", "11 kidney")), "pred_classes"),
+        (lambda m: m.update(label_classes="a binary mask"), "label_classes"),
+        (lambda m: m["network_data_format"]["outputs"]["pred"].update(num_channels="14"), "schema"),
+    ],
+    ids=["wrong name", "missing class", "wrong value", "no values", "not the schema"],
+)
+def test_metadata_check_catches_a_wrong_or_missing_class(tmp_path, change, message, capsys):
+    path = write_metadata(tmp_path, "all13")
+    meta = json.loads(open(path).read())
+    change(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=message):
+        check_metadata(path, "all13")
+    assert bundle_check_main(["--metadata", path, "--classes", "all13"]) == 1
+
+
+def test_metadata_check_catches_another_class_set(tmp_path, capsys):
+    with pytest.raises(ValueError, match="channel_def"):
+        check_metadata(write_metadata(tmp_path, "transunet8"), "all13")
+    with pytest.raises(ValueError, match="channel_def"):  # the binary file is no multi-class bundle's
+        check_metadata(METADATA, "disc_cup")
+
+
 # ---- network I/O --------------------------------------------------------------------------------
 def test_verify_net_in_out_on_the_inference_network():
     """``python -m monai.bundle verify_net_in_out`` on inference.yaml's network_def (tiny preset for CPU)."""
@@ -134,6 +211,17 @@ def test_verify_net_in_out_on_the_inference_network():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+
+
+def test_verify_net_in_out_on_the_multiclass_network_and_its_metadata(tmp_path):
+    """The generated all13 metadata's 14 output channels are what the --classes all13 network gives."""
+    configs = str([str(ROOT / "configs" / "inference.yaml"), str(ROOT / "configs" / "tiny.yaml")])
+    meta = write_metadata(tmp_path, "all13")
+    verify = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", meta]
+    proc = run(*verify, "--config_file", configs, "--device", "cpu", "--classes", "all13")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run(*verify, "--config_file", configs, "--device", "cpu", "--classes", "transunet8")  # 9 channels
+    assert proc.returncode != 0 and "doesn't match: `14`" in proc.stdout + proc.stderr
 
 
 # ---- large_files.yml ----------------------------------------------------------------------------

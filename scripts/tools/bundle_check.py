@@ -1,25 +1,33 @@
-"""Model-zoo checks on the bundle's own files: ``large_files.yml``.
+"""Model-zoo checks on the bundle's own files: ``large_files.yml`` and a ``metadata.json``.
 
     python -m scripts.tools.bundle_check            # checks ./large_files.yml; exit status 1 with the reason on error
+    python -m scripts.tools.bundle_check --metadata configs/metadata_all13.json --classes all13   # and a metadata file
 
 Each entry must have exactly the keys ``path``, ``url``, ``hash_val`` and ``hash_type`` (what
 ``python -m monai.bundle download_large_files`` reads), a relative ``path`` that stays inside the bundle,
 an empty or http(s) ``url``, and a hash type MONAI knows when a hash is given.
+
+A metadata file must validate against the zoo's schema (``--schema``, default the copy in ``tests/``), name its
+input ``image`` and output ``pred``, give every tensor with a ``channel_def`` one name per channel (keys 0..n-1), and,
+for a multi-class ``--classes`` (``python -m scripts.tools.metadata``), name the class set's classes: ``outputs.pred``
+one channel per class with its name, ``label_classes`` and ``pred_classes`` every label value with its class.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import yaml
 
-__all__ = ["LARGE_FILE_KEYS", "HASH_TYPES", "check_large_files"]
+__all__ = ["LARGE_FILE_KEYS", "HASH_TYPES", "SCHEMA", "check_large_files", "check_metadata"]
 
 LARGE_FILE_KEYS = ("path", "url", "hash_val", "hash_type")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # monai.apps.utils.check_hash
+SCHEMA = Path(__file__).resolve().parents[2] / "tests" / "meta_schema_20240725.json"  # the zoo's, verbatim
 
 
 def _inside(path: str) -> bool:
@@ -85,16 +93,64 @@ def check_large_files(path: str | os.PathLike = "large_files.yml") -> list[dict]
     return content["large_files"]
 
 
+def check_metadata(path: str | os.PathLike, classes: str = "binary", schema: str | os.PathLike = SCHEMA) -> dict:
+    """Validate a metadata.json (module docstring); returns its content, raises ``ValueError`` naming the problem."""
+    import jsonschema
+
+    from scripts.classes import get_class_set
+    from scripts.tools.metadata import class_text
+
+    try:
+        meta = json.loads(Path(path).read_text())
+        jsonschema.validate(meta, json.loads(Path(schema).read_text()))
+    except (OSError, ValueError, jsonschema.ValidationError) as e:
+        raise ValueError(f"{path}: not valid metadata for the zoo's schema {schema}: {str(e)[:500]}") from e
+    fmt = meta["network_data_format"]
+    if list(fmt["inputs"]) != ["image"] or list(fmt["outputs"]) != ["pred"]:
+        raise ValueError(f"{path}: network_data_format must have one input `image` and one output `pred`")
+    for group in ("inputs", "outputs", "post_processed_outputs"):
+        for name, tensor in fmt.get(group, {}).items():
+            channels = tensor.get("channel_def") if isinstance(tensor, dict) else None
+            if channels is not None and list(channels) != [str(i) for i in range(tensor["num_channels"])]:
+                raise ValueError(
+                    f"{path}: {group}.{name} has num_channels {tensor['num_channels']} but channel_def keys "
+                    f"{list(channels)} (one name per channel, keys 0..n-1)"
+                )
+    class_set = get_class_set(classes)
+    if class_set.binary:
+        return meta
+    if fmt["outputs"]["pred"]["channel_def"] != class_set.channel_def():
+        raise ValueError(
+            f"{path}: outputs.pred.channel_def {fmt['outputs']['pred']['channel_def']} is not --classes "
+            f"{class_set.name}'s {class_set.channel_def()}"
+        )
+    for key in ("label_classes", "pred_classes"):
+        if class_text(class_set) not in meta.get(key, ""):
+            raise ValueError(
+                f"{path}: {key} must list the label values of --classes {class_set.name}: " f"{class_text(class_set)}"
+            )
+    return meta
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.tools.bundle_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default="large_files.yml", help="default: ./large_files.yml")
-    path = parser.parse_args(argv).path
+    parser.add_argument("--metadata", default=None, help="also check this metadata.json")
+    parser.add_argument("--classes", default="binary", help="the class set the metadata must name (default: binary)")
+    parser.add_argument("--schema", default=str(SCHEMA), help="the zoo's metadata schema (default: the copy in tests/)")
+    args = parser.parse_args(argv)
     try:
-        entries = check_large_files(path)
+        entries = check_large_files(args.path)
+        meta = check_metadata(args.metadata, args.classes, args.schema) if args.metadata else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{path}: {len(entries)} entries, all inside the bundle")
+    print(f"{args.path}: {len(entries)} entries, all inside the bundle")
+    if meta is not None:
+        channels = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+        print(
+            f"{args.metadata}: valid for the zoo's schema, {channels} output channel(s) named, --classes {args.classes}"
+        )
     return 0
 
 
