@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(
         prog="python -m scripts.tools.export",
         description="Export SDSeg's single-step segmenter (image batch -> mask batch) with torch.export or to ONNX. "
-        "Extra --key value pairs override the config, as in `python -m monai.bundle run`.",
+        "Extra --key value pairs override the config, as in `python -m monai.bundle run`: a multi-class model needs "
+        "the --classes (all13, transunet8, disc_cup) and --mask_encoding (colour, onehot) it was trained with, and "
+        "exports label maps (the class's label value per pixel), the class names recorded in the file.",
     )
     p.add_argument(
         "--config_file", default="configs/inference.yaml", help="a config, or a list: \"['a.yaml','b.yaml']\""
