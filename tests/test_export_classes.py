@@ -6,7 +6,7 @@ first checks that two slices get different maps). Its weights are saved as a che
 ``python -m scripts.tools.export --classes ... --mask_encoding ...`` (in-process) with the CT overlay, as a user
 would. The reference is the bundle's own prediction on the same demo BTCV volume: the CT config's ``inferer`` (every
 axial slice through the sampler), the codec's ``prediction`` (argmax) and its label values (what SaveVolumed writes).
-Label maps must be identical except at pixels whose two best eager class probabilities are within 1e-4.
+Label maps must be identical except at pixels whose two best eager class probabilities are within 5e-4 (``TIE``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from conftest import ROOT, input_dependent_tiny_sdseg
 
 from scripts.bundle_config import parse_configs
 from scripts.classes import get_class_set
-from scripts.tools.export import main
+from scripts.tools.export import SingleStepSegmenter, main
 
-TOL = 1e-4
+# the CT inferer runs the slices 8 at a time, the exported program all at once: float sums in another order move
+# the probabilities by up to 6e-5 (seen), so scores agree to SCORE_TOL and labels may differ only at near-ties
+SCORE_TOL, TIE = 2e-4, 5e-4
 CONFIGS = str([str(ROOT / "configs" / c) for c in ("inference.yaml", "ct.yaml", "tiny.yaml")])
 CASES = [("all13", "colour"), ("all13", "onehot"), ("transunet8", "colour")]
 
@@ -58,7 +60,7 @@ class Case:
         assert labels.shape == ref.shape and labels.dtype == torch.float32
         top2 = score.topk(2, dim=1).values
         differ = (labels != ref)[:, 0]
-        assert not differ.any() or ((top2[:, 0] - top2[:, 1])[differ] <= TOL).all()
+        assert differ.float().mean() < 1e-3 and ((top2[:, 0] - top2[:, 1])[differ] <= TIE).all()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{c}-{e}" for c, e in CASES])
@@ -87,6 +89,13 @@ def test_torch_export_gives_the_bundles_label_values(case, tmp_path):
         assert_label_maps_mean_something(labels, case.class_set)  # transunet8: BTCV ids (liver 6), not indices
         case.assert_same_labels(labels)
         case.assert_same_labels(run(case.slices[:1]), 1)  # dynamic batch
+
+
+def test_segmenter_scores_are_the_inferers_class_probabilities(case):
+    """--output_type score: the C probabilities of the CT config's inferer (same noise draw), one channel per class."""
+    with torch.no_grad():
+        score = SingleStepSegmenter(case.network, case.slices.shape[-1], seed=0, output="score")(case.slices)
+    assert score.shape[1] == case.class_set.num_classes and (score - case.score).abs().max() < SCORE_TOL
 
 
 @pytest.mark.parametrize("case", [CASES[0]], indirect=True, ids=["all13-colour"])
