@@ -197,8 +197,8 @@ class SaveMaskd(MapTransform):
             if value.ndim != 3 or value.shape[0] != channels:
                 raise ValueError(f"{key} for {name}: expected a ({channels}, H, W) map, got shape {value.shape}")
             if self.values is not None:  # class indices -> label values
-                index = np.round(value[0]).astype(np.int64)
-                atomic_save_image(self.output_dir / f"{name}.png", self.values[index].astype(np.uint8), compress_level=1)
+                labels = self.values[np.round(value[0]).astype(np.int64)].astype(np.uint8)
+                atomic_save_image(self.output_dir / f"{name}.png", labels, compress_level=1)
                 continue
             for c in range(channels):
                 mask = np.round(value[c].clip(0, 1) * 255).astype(np.uint8)

@@ -16,7 +16,6 @@ from PIL import Image
 from scripts.bundle_config import parse_configs
 from scripts.classes import get_class_set
 from scripts.data import DatasetError, mask_to_target
-from scripts.handlers import SegmentationReport
 from scripts.io_utils import SaveMaskd
 from scripts.metrics import class_scores
 from scripts.transforms import MaskToTargetd
@@ -35,7 +34,8 @@ def test_released_gray_levels_become_background_disc_cup_and_binary_stays_the_cu
     assert index.shape == (1, 2, 3) and index.tolist() == [[[0, 1, 2], [2, 1, 0]]]
     assert index.meta["filename_or_obj"] == "masks/g0001.png"  # kept: evaluation crops padded labels by it
     binary = MaskToTargetd("label", "refuge2")({"label": _mask(gray)})["label"]  # the paper: cup only, as before
-    assert torch.equal(binary, mask_to_target(_mask(gray), "refuge_cup")) and binary.tolist() == [[[0, 0, 1], [1, 0, 0]]]
+    assert torch.equal(binary, mask_to_target(_mask(gray), "refuge_cup"))
+    assert binary.tolist() == [[[0, 0, 1], [1, 0, 0]]]
     assert DISC_CUP.names == ("background", "optic_disc", "optic_cup") and DISC_CUP.values == (0, 1, 2)
 
 
@@ -160,5 +160,6 @@ def test_disc_cup_bundle_fails_clearly_on_other_datasets_and_bad_masks(demo_root
     gray = np.asarray(Image.open(victim)).copy()
     gray[0, 0] = 64
     Image.fromarray(gray).save(victim)
-    with pytest.raises(AssertionError, match=rf"{victim.name}: label value\(s\) \[64.0\] are not in --classes disc_cup"):
+    message = rf"{victim.name}: label value\(s\) \[64.0\] are not in --classes disc_cup"
+    with pytest.raises(AssertionError, match=message):
         run_bundle("training", AE, tmp_path, *_common(tmp_path, bad), "--num_workers", "0")
