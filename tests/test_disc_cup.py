@@ -5,20 +5,22 @@ evaluation, inference) as users type it."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_bundle
-from monai.data import MetaTensor
+from monai.data import MetaTensor, decollate_batch
 from PIL import Image
 
 from scripts.bundle_config import parse_configs
 from scripts.classes import get_class_set
 from scripts.data import DatasetError, mask_to_target
+from scripts.handlers import CaseFigures
 from scripts.io_utils import SaveMaskd
 from scripts.metrics import class_scores
-from scripts.transforms import MaskToTargetd
+from scripts.transforms import MaskToTargetd, unpad_collated
 
 DISC_CUP = get_class_set("disc_cup")
 
@@ -60,7 +62,7 @@ def test_colour_mask_and_other_dataset_are_refused():
         MaskToTargetd("label", "kvasir", classes="disc_cup")
 
 
-def test_swapped_disc_and_cup_get_swapped_dice():
+def test_swapped_disc_and_cup_get_swapped_dice(tmp_path):
     names = DISC_CUP.names
     label = torch.zeros(1, 16, 16)
     label[0, 2:14, 2:14], label[0, 6:9, 6:9] = 1, 2  # disc rim 135 px, cup 9 px
@@ -73,6 +75,16 @@ def test_swapped_disc_and_cup_get_swapped_dice():
     half[0, 6:9, 6:9] = 1  # cup missed (called disc): disc Dice 135 * 2 / (135 + 144), cup 0
     s = class_scores(half, label, names)
     assert s["dice_optic_cup"] == 0 and s["dice_optic_disc"] == pytest.approx(270 / 279)
+    # the evaluation figure's caption too (a binary Dice of disc + cup against disc + cup would say 1)
+    figures = CaseFigures(str(tmp_path), num_cases=2)
+    figures.reset()
+    score = torch.nn.functional.one_hot(swapped[0].long(), 3).permute(2, 0, 1).float()
+    for pred in (label, swapped):
+        image = MetaTensor(torch.zeros(3, 16, 16), meta={"filename_or_obj": "T0001.png"})
+        figures.add({"image": image, "label": label, "pred": pred, "score": score})
+    assert [c["dice"] for c in figures.cases] == [1, 0] and figures.cases[0]["label"].max() == 1
+    figures.completed(None)
+    assert (tmp_path / "cases.png").is_file()
 
 
 def test_label_map_png_holds_the_label_values_and_scores_one_png_per_class(tmp_path):
@@ -90,21 +102,39 @@ def test_label_map_png_holds_the_label_values_and_scores_one_png_per_class(tmp_p
         SaveMaskd("score", str(tmp_path), class_names=DISC_CUP.names)({"image": image, "score": probs[:1]})
 
 
-def test_evaluation_reads_the_test_masks_as_class_indices(demo_root):
-    """evaluate.yaml's label chain with --classes disc_cup: cup where the file holds 0, disc where 128."""
+def _with_odd_sized_test_case(demo_root, dest):
+    """A copy of the REFUGE2 demo set whose first test pair is resized to 120 x 136 (the mask nearest-neighbour)."""
+    shutil.copytree(demo_root / "refuge2", dest)
+    name = sorted(p.name for p in (dest / "images").glob("T*.png"))[0]
+    for sub, resample in (("images", Image.BILINEAR), ("masks", Image.NEAREST)):
+        with Image.open(dest / sub / name) as im:
+            small = im.resize((136, 120), resample)
+        small.save(dest / sub / name)
+    return dest, name
+
+
+def test_evaluation_reads_the_test_masks_as_class_indices_at_their_own_size(demo_root, tmp_path):
+    """evaluate.yaml's label chain with --classes disc_cup: cup where the file holds 0, disc where 128; labels of
+    different sizes batched together come back at their own size (the class-index label keeps its metadata)."""
+    data, odd = _with_odd_sized_test_case(demo_root, tmp_path / "refuge2")
     parser = parse_configs(
         ["inference.yaml", "evaluate.yaml", "tiny.yaml"],
         dataset="refuge2",
-        dataset_dir=str(demo_root / "refuge2"),
+        dataset_dir=str(data),
         classes="disc_cup",
         num_workers=0,
         device="cpu",
+        batch_size=3,
     )
-    item = parser.get_parsed_content("infer#dataset")[0]
-    gray = np.asarray(Image.open(item["label"].meta["filename_or_obj"]))
-    assert item["label"].shape == (1, *gray.shape)  # the label keeps its own size (PIL, reverse_indexing off)
-    lab = item["label"][0].numpy()
-    assert np.array_equal(lab == 2, gray == 0) and np.array_equal(lab == 1, gray == 128) and (lab == 2).any()
+    batch = next(iter(parser.get_parsed_content("infer#dataloader")))
+    items = [unpad_collated(d) for d in decollate_batch(batch)]
+    assert Path(items[0]["label"].meta["filename_or_obj"]).name == odd
+    for item in items:
+        gray = np.asarray(Image.open(item["label"].meta["filename_or_obj"]))
+        assert item["label"].shape == (1, *gray.shape)  # its own size (PIL, reverse_indexing off)
+        lab = item["label"][0].numpy()
+        assert np.array_equal(lab == 2, gray == 0) and np.array_equal(lab == 1, gray == 128) and (lab == 2).any()
+    assert items[0]["label"].shape == (1, 120, 136) and items[1]["label"].shape == (1, 160, 160)
     report = parser.get_parsed_content("report")
     assert report.hd95 and report.class_names == DISC_CUP.names
 
@@ -121,7 +151,7 @@ def _common(root, data, dataset="refuge2"):
 
 
 def test_disc_cup_run_trains_evaluates_and_infers_label_maps(demo_root, tmp_path):
-    root, data = tmp_path, demo_root / "refuge2"
+    root, (data, _) = tmp_path, _with_odd_sized_test_case(demo_root, tmp_path / "refuge2")  # mixed sizes evaluate
     common = [*_common(root, data), "--image_size", "32", "--num_workers", "0"]
     run_bundle("training", AE, root, *common, "--autoencoder_max_iterations", "2", "--autoencoder_val_interval", "2")
     run_bundle("training", TRAIN, root, *common, "--max_iterations", "2", "--val_interval", "2", "--batch_size", "4")
