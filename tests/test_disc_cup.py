@@ -193,3 +193,15 @@ def test_disc_cup_bundle_fails_clearly_on_other_datasets_and_bad_masks(demo_root
     message = rf"{victim.name}: label value\(s\) \[64.0\] are not in --classes disc_cup"
     with pytest.raises(AssertionError, match=message):
         run_bundle("training", AE, tmp_path, *_common(tmp_path, bad), "--num_workers", "0")
+
+
+def test_demo_classes_disc_cup_runs_the_2d_refuge2_job():
+    from scripts.tools import demo
+
+    steps = demo.steps(demo._parser().parse_args(["--classes", "disc_cup", "--n", "30"]))
+    assert steps[0][1][-2:] == ["--n", "30"]  # 2D demo data, not --3d
+    for name, cmd in steps[1:]:
+        text = " ".join(cmd)
+        assert "ct.yaml" not in text and "--dataset refuge2 --classes disc_cup" in text, name
+    with pytest.raises(SystemExit, match="--classes disc_cup runs the refuge2 demo"):
+        demo.main(["--classes", "disc_cup", "--dataset", "kvasir"])
