@@ -16,13 +16,14 @@ values (:attr:`ClassSet.values`: NIfTI voxels in 3D, PNG pixels in 2D).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from scripts.data import DatasetError
 
-__all__ = ["ClassSet", "CLASS_SETS", "get_class_set", "PALETTE"]
+__all__ = ["ClassSet", "CLASS_SETS", "get_class_set", "labelled_metadata", "PALETTE"]
 
 BTCV_ORGANS = (
     "spleen",
@@ -93,6 +94,12 @@ class ClassSet:
         """(C, 3) RGB codes in [-1, 1] for the 3-channel encoding (:data:`PALETTE`)."""
         return torch.tensor(PALETTE[: self.num_classes], dtype=torch.float32)
 
+    @property
+    def channel_def(self) -> dict[str, str]:
+        """``{"<label value>": name}``, background included: the bundle metadata's ``channel_def`` of ``pred``, which
+        MONAI Label lists as the model's labels (``disc_cup``: 1 optic_disc, 2 optic_cup)."""
+        return {str(v): n for v, n in zip(self.values, self.names)}
+
     def check_dataset(self, dataset: str) -> None:
         if self.datasets and dataset not in self.datasets:
             raise ValueError(
@@ -139,6 +146,18 @@ CLASS_SETS = {
         "disc_cup", ("background", "optic_disc", "optic_cup"), (0, 1, 2), ("refuge2",), mask_values=(255, 128, 0)
     ),
 }
+
+
+def labelled_metadata(metadata: dict, classes: str | ClassSet) -> dict:
+    """A copy of the bundle's ``metadata.json`` contents whose ``pred`` output describes a multi-class ``--classes``
+    (C probability channels, ``channel_def`` by label value): what a bundle copy served by MONAI Label needs so that
+    its ``/info`` names the classes (docs/monailabel.md). Binary: unchanged."""
+    class_set = get_class_set(classes)
+    out = json.loads(json.dumps(metadata))
+    if not class_set.binary:
+        pred = out["network_data_format"]["outputs"]["pred"]
+        pred.update(num_channels=class_set.num_classes, channel_def=class_set.channel_def)
+    return out
 
 
 def get_class_set(name: str | ClassSet) -> ClassSet:
