@@ -74,6 +74,7 @@ class ClassSet:
     datasets: tuple[str, ...] = ()
     background_values: tuple[int, ...] = ()
     mask_values: tuple[int, ...] = ()
+    mask_hint: str = ""  # appended to the error on a mask value outside the set
 
     @property
     def binary(self) -> bool:
@@ -118,7 +119,7 @@ class ClassSet:
         if bad.numel():
             raise DatasetError(
                 f"{where}: label value(s) {bad[:5].tolist()} are not in --classes {self.name} "
-                f"(allowed: {sorted(read + self.background_values)})"
+                f"(allowed: {sorted(read + self.background_values)}){'; ' + self.mask_hint if self.mask_hint else ''}"
             )
         lut = torch.zeros(int(max(known.max().item(), 0)) + 1, dtype=torch.float32)
         for i, v in enumerate(read):
@@ -143,7 +144,13 @@ CLASS_SETS = {
         background_values=tuple(i for i in range(1, 14) if i not in TRANSUNET8_IDS),
     ),
     "disc_cup": ClassSet(
-        "disc_cup", ("background", "optic_disc", "optic_cup"), (0, 1, 2), ("refuge2",), mask_values=(255, 128, 0)
+        "disc_cup",
+        ("background", "optic_disc", "optic_cup"),
+        (0, 1, 2),
+        ("refuge2",),
+        mask_values=(255, 128, 0),
+        mask_hint="REFUGE2 gray disc maps: 255 background, 128 optic disc, 0 optic cup (0/1/2 index maps are refused: "
+        "0 would be cup or background)",
     ),
 }
 

@@ -49,7 +49,7 @@ def test_released_gray_levels_become_background_disc_cup_and_binary_stays_the_cu
     ],
 )
 def test_bad_mask_values_fail_naming_file_value_and_classes(mask, message):
-    with pytest.raises(DatasetError, match=message + r" \(allowed: \[0, 128, 255\]\)"):
+    with pytest.raises(DatasetError, match=message + r" \(allowed: \[0, 128, 255\]\); REFUGE2 gray disc maps"):
         MaskToTargetd("label", "refuge2", classes="disc_cup")({"label": _mask(mask)})
 
 
