@@ -3,6 +3,7 @@
 from scripts import (  # noqa: F401
     autoencoder,
     baseline,
+    classes,
     data,
     engine,
     evaluation,

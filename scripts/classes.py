@@ -4,13 +4,16 @@ codec (:mod:`scripts.mask_codec`), the metrics, the writers and the metadata rea
 * ``binary`` (default, any dataset): 0 background, 1 foreground by the dataset's own rule (paper; ``--foreground``);
 * ``all13`` (btcv): 0 background, 1..13 the BTCV organs with their BTCV ids;
 * ``transunet8`` (btcv): the authors' 8 organs, keeping their BTCV ids (1 2 3 4 6 7 8 11); 5 9 10 12 13 -> background;
-* ``disc_cup`` (refuge2): 0 background, 1 optic disc, 2 optic cup (released gray levels 255 / 128 / 0); 2D: not wired
-  yet.
+* ``disc_cup`` (refuge2, 2D): 0 background, 1 optic disc (rim), 2 optic cup, read from the released gray disc maps
+  (255 background, 128 disc, 0 cup: :attr:`ClassSet.mask_values`); masks holding 0/1/2 already are refused (0 would
+  be cup in a released map, background in an index map), as are RGB masks and any other gray level.
 
-A label voxel is mapped to its class index 0..C-1 (:meth:`ClassSet.to_index`); a value outside the set is an error
+A label voxel is mapped to its class index 0..C-1 (:meth:`ClassSet.to_index`, reading :attr:`ClassSet.mask_values`
+where the masks encode the classes otherwise, else :attr:`ClassSet.values`); a value outside the set is an error
 naming the file, the value and the ``--classes`` in force. Predictions are class indices, written back as label
-values (:attr:`ClassSet.values`). :meth:`ClassSet.channel_def` (class index -> name) and :meth:`ClassSet.label_def`
-(label value -> name) name them in metadata.json (``python -m scripts.tools.metadata``) and in exported models.
+values (:attr:`ClassSet.values`: NIfTI voxels in 3D, PNG pixels in 2D). :meth:`ClassSet.channel_def` (class index ->
+name) and :meth:`ClassSet.label_def` (label value -> name) name them in metadata.json
+(``python -m scripts.tools.metadata``) and in exported models.
 """
 
 from __future__ import annotations
@@ -62,13 +65,17 @@ PALETTE = (
 @dataclass(frozen=True)
 class ClassSet:
     """One ``--classes`` choice. ``values[i]`` is the label value of class index ``i`` (0: background);
-    ``background_values`` are other label values that count as background (``transunet8``'s dropped organs)."""
+    ``background_values`` are other label values that count as background (``transunet8``'s dropped organs);
+    ``mask_values[i]``, when given, is the value the dataset's masks hold for class ``i`` (REFUGE2's gray levels), read
+    in place of ``values`` (which the written predictions hold)."""
 
     name: str
     names: tuple[str, ...]
     values: tuple[int, ...]
     datasets: tuple[str, ...] = ()
     background_values: tuple[int, ...] = ()
+    mask_values: tuple[int, ...] = ()
+    mask_hint: str = ""  # appended to the error on a mask value outside the set
 
     @property
     def binary(self) -> bool:
@@ -97,18 +104,20 @@ class ClassSet:
             )
 
     def to_index(self, label: torch.Tensor, where: str = "<label>") -> torch.Tensor:
-        """Label values -> class indices (float, same shape); a value outside the set fails naming ``where``."""
+        """Mask label values (:attr:`mask_values` or :attr:`values`) -> class indices (float, same shape); a value
+        outside the set fails naming ``where``."""
         y = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
-        known = torch.tensor(self.values + self.background_values, dtype=y.dtype)
+        read = self.mask_values or self.values
+        known = torch.tensor(read + self.background_values, dtype=y.dtype)
         values = torch.unique(y)
         bad = values[~torch.isin(values, known)]
         if bad.numel():
             raise DatasetError(
                 f"{where}: label value(s) {bad[:5].tolist()} are not in --classes {self.name} "
-                f"(allowed: {sorted(self.values + self.background_values)})"
+                f"(allowed: {sorted(read + self.background_values)}){'; ' + self.mask_hint if self.mask_hint else ''}"
             )
         lut = torch.zeros(int(max(known.max().item(), 0)) + 1, dtype=torch.float32)
-        for i, v in enumerate(self.values):
+        for i, v in enumerate(read):
             lut[int(v)] = i
         return lut[y.long()]
 
@@ -138,7 +147,15 @@ CLASS_SETS = {
         ("btcv",),
         background_values=tuple(i for i in range(1, 14) if i not in TRANSUNET8_IDS),
     ),
-    "disc_cup": ClassSet("disc_cup", ("background", "optic_disc", "optic_cup"), (0, 1, 2), ("refuge2",)),
+    "disc_cup": ClassSet(
+        "disc_cup",
+        ("background", "optic_disc", "optic_cup"),
+        (0, 1, 2),
+        ("refuge2",),
+        mask_values=(255, 128, 0),
+        mask_hint="REFUGE2 gray disc maps: 255 background, 128 optic disc, 0 optic cup (0/1/2 index maps are refused: "
+        "0 would be cup or background)",
+    ),
 }
 
 

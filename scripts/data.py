@@ -10,6 +10,9 @@ files, how its masks encode the target, and how the splits are drawn.
 | ``kvasir``  | ``images/*.jpg``              | ``masks/*.jpg``             | gray > 128                        |
 | ``refuge2`` | ``images/*.png``              | ``masks/*.png``             | cup: RGB -> G == 255; gray -> < 64 |
 
+``--classes disc_cup`` (REFUGE2 disc + cup) reads the gray levels instead (:class:`scripts.transforms.MaskToTargetd`,
+:mod:`scripts.classes`): 255 background, 128 disc, 0 cup -> class indices 0 / 1 / 2.
+
 Splits (sorted names, so they never depend on the file system's listing order): the last
 ``test_fraction`` of the files is the test split, and the last ``val_fraction`` (of all files) of what
 remains is the validation split used for model selection; the rest trains. Fractions are rounded up.

@@ -147,7 +147,9 @@ class CaseFigures(CaseHandler):
 
     Needs ``image``, ``label``, ``pred`` (binary) and ``score`` (probability map) in the decollated output,
     as ``configs/evaluate.yaml`` produces them (``pred``/``score`` at the label's resolution). It keeps only those
-    cases, so it stays out of the hot path.
+    cases, so it stays out of the hot path. Multi-class (``score`` with C > 1 channels, ``pred``/``label`` class
+    indices): label and prediction as gray levels (index / (C - 1): ``disc_cup`` disc gray, cup white), the first three
+    class probabilities as RGB, and the mean Dice over the foreground classes in the caption.
     """
 
     def __init__(self, output_dir: str, num_cases: int = 4, height: int = 128):
@@ -162,7 +164,12 @@ class CaseFigures(CaseHandler):
             return
         pred, label = item["pred"].detach().cpu(), item["label"].detach().cpu()
         keep = {k: item[k].detach().cpu() for k in ("image", "score")}
-        dice = dice_iou(pred, label)[0]
+        classes = keep["score"].shape[0]
+        if classes > 1:  # multi-class: class indices shown as gray levels, the mean Dice over the classes
+            dice = class_scores(pred, label, [str(c) for c in range(classes)], hd=False)["dice"]
+            pred, label = pred / (classes - 1), label / (classes - 1)
+        else:
+            dice = dice_iou(pred, label)[0]
         self.cases.append({"name": case_name(item), "dice": dice, "label": label, "pred": pred, **keep})
 
     def completed(self, engine: Engine) -> None:

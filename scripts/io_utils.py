@@ -165,20 +165,43 @@ class SaveMaskd(MapTransform):
 
     Binary masks become 0/255; probability maps round(255 * p). The name comes from the
     ``filename_or_obj`` of ``d[name_key]``: ``<output_dir>/<input stem>.png``.
+    Multi-class (``--classes`` other than binary): with ``values`` a (1, H, W) map of class indices is written as a
+    label map whose pixels are ``values[index]`` (``disc_cup``: 0 background, 1 optic disc, 2 optic cup); with
+    ``class_names`` a (C, H, W) probability map is written one PNG per class, ``<input stem>_<class name>.png``
+    (round(255 * p)).
     Not MONAI's ``SaveImaged``: its writers write straight to the target file, not a temporary renamed over it.
     """
 
-    def __init__(self, keys: KeysCollection, output_dir: str, name_key: str = "image", allow_missing_keys=False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        name_key: str = "image",
+        allow_missing_keys=False,
+        values: list[int] | None = None,
+        class_names: list[str] | None = None,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir, self.name_key = Path(output_dir), name_key
+        self.values = None if values is None else np.asarray(values)
+        self.class_names = None if class_names is None else list(class_names)
+        if self.values is not None and (self.values.min() < 0 or self.values.max() > 255):
+            raise ValueError(f"label values {self.values.tolist()} do not fit an 8-bit PNG")
 
     def __call__(self, data):
         d = dict(data)
         name = Path(str(d[self.name_key].meta["filename_or_obj"])).stem
         for key in self.key_iterator(d):
             value = torch.as_tensor(d[key]).detach().float().cpu().numpy()
-            if value.ndim != 3 or value.shape[0] != 1:
-                raise ValueError(f"{key} for {name}: expected a (1, H, W) map, got shape {value.shape}")
-            mask = np.round(value[0].clip(0, 1) * 255).astype(np.uint8)
-            atomic_save_image(self.output_dir / f"{name}.png", mask, compress_level=1)  # fast; PNG stays lossless
+            channels = len(self.class_names) if self.class_names and self.values is None else 1
+            if value.ndim != 3 or value.shape[0] != channels:
+                raise ValueError(f"{key} for {name}: expected a ({channels}, H, W) map, got shape {value.shape}")
+            if self.values is not None:  # class indices -> label values
+                labels = self.values[np.round(value[0]).astype(np.int64)].astype(np.uint8)
+                atomic_save_image(self.output_dir / f"{name}.png", labels, compress_level=1)
+                continue
+            for c in range(channels):
+                mask = np.round(value[c].clip(0, 1) * 255).astype(np.uint8)
+                stem = f"{name}_{self.class_names[c]}" if channels > 1 else name
+                atomic_save_image(self.output_dir / f"{stem}.png", mask, compress_level=1)  # fast; PNG stays lossless
         return d

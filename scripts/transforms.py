@@ -1,7 +1,8 @@
 """The bundle's own dictionary transforms beside MONAI's, each for a job MONAI's does differently.
 
 * :class:`LoadImaged`: MONAI's ``LoadImaged``, every read error naming its file (2D images and 3D volumes).
-* :class:`MaskToTargetd`: a dataset's mask -> binary target, by its rule (:func:`scripts.data.mask_to_target`).
+* :class:`MaskToTargetd`: a dataset's mask -> binary target, by its rule (:func:`scripts.data.mask_to_target`), or
+  class indices of a multi-class ``--classes`` (REFUGE2 ``disc_cup``).
 * :func:`unpad_collated`: undo ``PadListDataCollate(method="end")`` exactly (MONAI's inverse centre-crops).
 """
 
@@ -13,7 +14,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged as _LoadImaged
 from monai.transforms import MapTransform
-from monai.utils import TraceKeys
+from monai.utils import TraceKeys, convert_to_dst_type
 
 from scripts.classes import get_class_set
 from scripts.data import LAYOUTS, DatasetError, mask_to_target
@@ -53,23 +54,38 @@ class LoadImaged(_LoadImaged):
 
 
 class MaskToTargetd(MapTransform):
-    """Dictionary transform: replace the mask under ``keys`` by the dataset's binary target (float 0/1)."""
+    """Dictionary transform: replace the mask under ``keys`` by the dataset's target: binary (float 0/1, by the
+    dataset's rule, :func:`scripts.data.mask_to_target`) or, for a multi-class ``classes`` (REFUGE2 ``disc_cup``), the
+    class indices 0..C-1 (float, (1, H, W)) of a gray mask's values (:meth:`scripts.classes.ClassSet.to_index`).
+
+    Multi-class masks must be gray (equal channels) and hold only the class set's mask values; anything else fails
+    naming the file, the value(s) and the ``--classes`` in force. A class set meant for another dataset fails here,
+    when the transform is built (before any training).
+    """
 
     def __init__(self, keys: KeysCollection, dataset: str, allow_missing_keys: bool = False, classes: str = "binary"):
         super().__init__(keys, allow_missing_keys)
         if dataset not in LAYOUTS:
             raise DatasetError(f"unknown 2D dataset {dataset!r}; choose one of {sorted(LAYOUTS)}")
-        if not get_class_set(classes).binary:  # multi-class 2D masks (REFUGE2 disc_cup) are not wired yet
-            raise ValueError(
-                f"--classes {classes} is not available for the 2D dataset {dataset!r} yet: 2D datasets are binary; "
-                "multi-class runs on BTCV volumes (configs/ct.yaml, --classes all13 | transunet8)"
-            )
+        self.class_set = get_class_set(classes)
+        self.class_set.check_dataset(dataset)
         self.rule = LAYOUTS[dataset][2]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = mask_to_target(torch.as_tensor(d[key]), self.rule)
+            mask = torch.as_tensor(d[key])
+            if self.class_set.binary:
+                d[key] = mask_to_target(mask, self.rule)
+                continue
+            where = str(getattr(d[key], "meta", {}).get("filename_or_obj", "<mask>"))
+            if mask.shape[0] > 1 and bool((mask[1:] != mask[:1]).any()):
+                raise DatasetError(
+                    f"{where}: a colour (RGB) mask; --classes {self.class_set.name} reads gray masks with the values "
+                    f"{list(self.class_set.mask_values or self.class_set.values)} for {', '.join(self.class_set.names)}"
+                )
+            index = self.class_set.to_index(mask[:1], where)
+            d[key] = convert_to_dst_type(index, mask[:1], dtype=torch.float32)[0]  # a MetaTensor keeps its meta
         return d
 
 

@@ -331,3 +331,51 @@ def test_training_request_writes_a_checkpoint_and_the_trained_model_is_served(se
     np.testing.assert_array_equal(served_after, bundle_inference(server.bundle, server.studies / "3.png", tmp_path))
     # fine-tuned from the served weights (its EMA starts from them, not from the untrained network): still segments
     assert dice_with_label(server, "3", served_after) > 0.6, dice_with_label(server, "3", served_after)
+
+
+def test_disc_cup_bundle_lists_optic_disc_and_cup_with_their_label_values(tmp_path):
+    """A bundle copy set up as docs/monailabel.md says for ``--classes disc_cup`` (classes and dataset merged into the
+    configs, ``scripts.tools.metadata`` writes its metadata.json): MONAI Label's ``BundleInferTask`` (what the
+    monaibundle app serves, its ``info()`` what ``/info`` lists for the model) names optic disc and optic cup with the
+    label values the bundle writes (1, 2). A plain copy lists the binary ``target`` only."""
+    from conftest import build_tiny_sdseg
+
+    from scripts.classes import get_class_set
+    from scripts.tools.metadata import multiclass_metadata
+
+    python = ensure_monailabel_venv()
+    bundles = {}
+    for classes in ("disc_cup", "binary"):
+        dest = tmp_path / classes / MODEL
+        dest.mkdir(parents=True)
+        for name in ("configs", "scripts"):
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / c) for c in ("inference.yaml", "monailabel.yaml", "tiny.yaml")])
+        if classes != "binary":
+            parser["classes"], parser["dataset"] = classes, "refuge2"
+        ConfigParser.export_config_file(parser.get(), str(dest / "configs" / "inference.yaml"), fmt="yaml")
+        metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
+        (dest / "configs" / "metadata.json").write_text(json.dumps(multiclass_metadata(metadata, classes), indent=4))
+        (dest / "models").mkdir()
+        torch.save({"model": build_tiny_sdseg(classes=classes).state_dict()}, dest / "models" / "model.pt")
+        bundles[classes] = dest
+    script = (
+        "import json, sys\n"
+        "from monailabel.tasks.infer.bundle import BundleInferTask\n"
+        "task = BundleInferTask(sys.argv[1], {})\n"
+        "print('INFO ' + json.dumps({'valid': task.is_valid(), **task.info()}, default=str))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    infos = {}
+    for classes, dest in bundles.items():
+        proc = subprocess.run(
+            [str(python), "-c", script, str(dest)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("INFO ")]
+        assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        infos[classes] = json.loads(lines[-1][5:])
+    disc_cup = get_class_set("disc_cup")
+    assert infos["disc_cup"]["valid"] and infos["disc_cup"]["labels"] == {"optic_disc": 1, "optic_cup": 2}
+    assert dict(zip(disc_cup.organs, disc_cup.values[1:])) == infos["disc_cup"]["labels"]  # the written values
+    assert infos["binary"]["labels"] == {"target": 0}  # as configs/metadata.json has it

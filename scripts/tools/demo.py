@@ -6,7 +6,9 @@ then prints the test Dice and the time each stage took.
 
 ``--classes all13`` (or ``transunet8``) runs the 3D job instead, every organ its own class: BTCV-like demo volumes
 (``demo_data --3d``: all 13 organs, the small ones included), both stages and the per-volume evaluation through
-``configs/ct.yaml`` with ``--classes``, then prints the mean organ Dice and each organ's Dice.
+``configs/ct.yaml`` with ``--classes``, then prints the mean organ Dice and each organ's Dice. ``--classes disc_cup``
+runs the 2D REFUGE2-like job with optic disc and cup as two classes (label maps 0 / 1 disc / 2 cup) and prints each
+class's Dice.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 from scripts.bundle_config import ROOT
 from scripts.classes import get_class_set
+from scripts.volumes.datalist import DATASETS as VOLUME_DATASETS
 
 
 def bundle(run_id: str, configs: list[str], *args: str) -> list[str]:
@@ -33,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--classes",
         default="binary",
-        choices=["binary", "all13", "transunet8"],
-        help="all13 | transunet8: the 3D demo on BTCV-like volumes (configs/ct.yaml), every organ its own class",
+        choices=["binary", "all13", "transunet8", "disc_cup"],
+        help="all13 | transunet8: the 3D demo on BTCV-like volumes (configs/ct.yaml), every organ its own class; "
+        "disc_cup: the 2D REFUGE2 demo, optic disc and cup",
     )
     parser.add_argument("--n", type=int, default=100, help="demo images per dataset (default: 100; 2D only)")
     parser.add_argument(
@@ -49,13 +53,14 @@ def _parser() -> argparse.ArgumentParser:
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The demo's commands, ``(name, argv)`` in order."""
     iterations = ["--max_iterations", str(args.iterations), "--val_interval", str(max(1, args.iterations // 4))]
-    if args.classes == "binary":
+    class_set = get_class_set(args.classes)
+    if class_set.binary:
         data, ct = ["--dataset", args.dataset or "cvc"], []
-        make_data = [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo", "--n", str(args.n)]
-    else:
-        data = ["--dataset", "btcv", "--classes", args.classes]  # dataset_dir: data/demo/btcv, the configs' default
-        ct = ["ct.yaml"]
-        make_data = [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo", "--3d"]
+    else:  # dataset_dir: data/demo/<dataset>, the configs' default
+        data = ["--dataset", class_set.datasets[0], "--classes", args.classes]
+        ct = ["ct.yaml"] if _volumes(args.classes) else []
+    make_data = [sys.executable, "-m", "scripts.tools.demo_data", "--out", "data/demo"]
+    make_data += ["--3d"] if ct else ["--n", str(args.n)]
     return [
         ("demo data", make_data),
         ("mask autoencoder", bundle("training", ["train.yaml", "train_autoencoder.yaml", *ct, "tiny.yaml"], *data)),
@@ -66,8 +71,9 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.classes != "binary" and args.dataset:
-        raise SystemExit(f"--classes {args.classes} runs the 3D BTCV demo; --dataset chooses the 2D one")
+    datasets = get_class_set(args.classes).datasets
+    if datasets and args.dataset and args.dataset not in datasets:
+        raise SystemExit(f"--classes {args.classes} runs the {datasets[0]} demo; --dataset chooses a binary 2D one")
     times = {}
     for name, cmd in steps(args):
         print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
@@ -85,14 +91,19 @@ def report(summary: dict, times: dict, classes: str = "binary") -> None:
         print(f"{name:>18}: {seconds:7.1f} s")
     print(f"{'total':>18}: {sum(times.values()):7.1f} s")
     d, i = summary["dice"], summary["iou"]
-    unit = "images" if classes == "binary" else "volumes"
+    unit = "volumes" if _volumes(classes) else "images"
     print(f"test Dice {d['mean']:.4f} ± {d['std']:.4f}, IoU {i['mean']:.4f} ± {i['std']:.4f} over {d['n']} {unit}")
     if classes != "binary":
         print(f"mean organ Dice {summary['organ_mean_dice']:.4f} (--classes {classes}); per organ:")
         for organ in get_class_set(classes).organs:
             s = summary[f"dice_{organ}"]
-            print(f"{organ:>30}: {s['mean']:.4f} ± {s['std']:.4f} over {s['n']} volumes")
+            print(f"{organ:>30}: {s['mean']:.4f} ± {s['std']:.4f} over {s['n']} {unit}")
     print(f"masks: {ROOT / 'eval' / 'masks'}, per-{unit[:-1]} table: {ROOT / 'eval' / 'metrics.csv'}")
+
+
+def _volumes(classes: str) -> bool:
+    """Whether ``--classes`` is a 3D class set (its dataset is a volume dataset: configs/ct.yaml)."""
+    return any(d in VOLUME_DATASETS for d in get_class_set(classes).datasets)
 
 
 if __name__ == "__main__":
