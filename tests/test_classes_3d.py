@@ -1,0 +1,61 @@
+"""--classes on CT volumes beyond tests/test_classes.py: --foreground beside --classes, label values landing in the
+right organ through the volume chain, bad --classes on every CT config, the README's BTCV commands resolved, and the
+stability run (seed spread of the per-organ Dice)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_sdseg, parse_configs, run_bundle
+
+from scripts.classes import get_class_set
+from scripts.metrics import class_scores
+from scripts.volumes.transforms import volume_transforms
+
+BTCV_WINDOW = (-175, 250)
+AE = ["train.yaml", "train_autoencoder.yaml", "ct.yaml", "tiny.yaml"]
+TRAIN = ["train.yaml", "ct.yaml", "tiny.yaml"]
+EVAL = ["inference.yaml", "evaluate.yaml", "ct.yaml", "tiny.yaml"]
+INFER = ["inference.yaml", "ct.yaml", "tiny.yaml"]
+
+
+def btcv_item(root, case="0005", label=None):
+    return {
+        "image": str(root / "btcv" / "img" / f"img{case}.nii.gz"),
+        "label": str(label or root / "btcv" / "label" / f"label{case}.nii.gz"),
+    }
+
+
+# ---- --foreground beside --classes --------------------------------------------------------------------
+@pytest.mark.parametrize("files", [AE, TRAIN, EVAL, INFER], ids=["autoencoder", "training", "evaluate", "inference"])
+@pytest.mark.parametrize("foreground, classes", [("liver", "all13"), ("all13", "all13"), ("transunet8", "transunet8")])
+def test_foreground_with_multiclass_classes_is_refused_at_start(files, foreground, classes, demo_volumes):
+    """--foreground is the binary rule; beside --classes all13|transunet8 the CT configs stop when their volume chain
+    is built (before anything is read), saying to drop it, on each of the four CT configs."""
+    key = "volume_transform" if files[0] == "train.yaml" else "preprocessing"
+    parser = parse_configs(files, dataset_dir=str(demo_volumes / "btcv"), foreground=foreground, classes=classes)
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the constructor's ValueError
+        parser.get_parsed_content(key)
+    message = str(err.value.__cause__)
+    assert f"--foreground {foreground} is the binary foreground; --classes {classes}" in message
+    assert "drop --foreground" in message
+
+
+def test_foreground_default_and_binary_cache_key_are_unchanged(demo_volumes):
+    """ct.yaml's foreground is null now: binary reads it as all13 (the paper), with the cache signature it had when
+    the default was the literal "all13", so binary caches and results stay as they were; --classes alone is fine."""
+    parser = parse_configs(TRAIN, dataset_dir=str(demo_volumes / "btcv"))
+    assert parser.get_parsed_content("foreground") is None
+    chain = parser.get_parsed_content("volume_transform")
+    size = parser.get_parsed_content("image_size")
+    assert json.loads(chain.signature) == ["btcv", [-175, 250], size, "all13", True, 1]
+    explicit = volume_transforms("btcv", BTCV_WINDOW, size, foreground="all13")
+    assert explicit.signature == chain.signature
+    item = btcv_item(demo_volumes)
+    assert torch.equal(chain(dict(item))["label"], explicit(dict(item))["label"])
+    multi = parse_configs(TRAIN, dataset_dir=str(demo_volumes / "btcv"), classes="all13")
+    assert json.loads(multi.get_parsed_content("volume_transform").signature)[-1] == "all13"
+    with pytest.raises(ValueError, match="foreground must be 'all13' or 'transunet8', got 'liver'"):
+        volume_transforms("btcv", BTCV_WINDOW, 32, foreground="liver")  # binary: still checked
