@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_sdseg, parse_configs, run_bundle
+from conftest import parse_configs, run_bundle
 
 from scripts.classes import get_class_set
 from scripts.metrics import class_scores
@@ -59,3 +59,41 @@ def test_foreground_default_and_binary_cache_key_are_unchanged(demo_volumes):
     assert json.loads(multi.get_parsed_content("volume_transform").signature)[-1] == "all13"
     with pytest.raises(ValueError, match="foreground must be 'all13' or 'transunet8', got 'liver'"):
         volume_transforms("btcv", BTCV_WINDOW, 32, foreground="liver")  # binary: still checked
+
+
+# ---- label values land in the right organ, through the volume chain ---------------------------------------
+@pytest.mark.parametrize("classes", ["all13", "transunet8"])
+def test_swapped_organs_in_a_label_file_get_swapped_dice(demo_volumes, tmp_path, classes):
+    """A label file read by the evaluation chain scores 1 per organ against itself; the same volume with spleen (1)
+    and liver (6) swapped in the file scores 0 on exactly those two organs, in their own columns, and the other
+    organs keep 1: BTCV ids reach the right class (and column) in both class sets."""
+    c = get_class_set(classes)
+    src = nib.load(demo_volumes / "btcv" / "label" / "label0005.nii.gz")
+    data = np.asarray(src.dataobj).copy()
+    swapped = data.copy()
+    swapped[data == 1], swapped[data == 6] = 6, 1
+    nib.save(nib.Nifti1Image(swapped, src.affine, src.header), tmp_path / "label0005.nii.gz")
+    chain = volume_transforms("btcv", BTCV_WINDOW, 32, resample_label=False, classes=classes)
+    truth = chain(btcv_item(demo_volumes))["label"]
+    other = chain(btcv_item(demo_volumes, label=tmp_path / "label0005.nii.gz"))["label"]
+    kept, back = np.isin(data, c.values), c.to_values(truth[0]).numpy()
+    assert np.array_equal(back[kept], data[kept]) and not back[~kept].any()  # the file's ids, voxel for voxel
+    right, wrong = class_scores(truth, truth, c.names, hd=False), class_scores(other, truth, c.names, hd=False)
+    assert all(right[f"dice_{n}"] == 1 for n in c.organs)
+    assert wrong["dice_spleen"] == wrong["dice_liver"] == 0
+    assert all(wrong[f"dice_{n}"] == 1 for n in c.organs if n not in ("spleen", "liver"))
+    assert c.names.index("liver") == (6 if classes == "all13" else 5)  # transunet8 renumbers the classes
+
+
+# ---- unknown --classes on every CT config ------------------------------------------------------------------
+@pytest.mark.parametrize("files", [AE, TRAIN, EVAL, INFER], ids=["autoencoder", "training", "evaluate", "inference"])
+def test_unknown_classes_fails_listing_the_choices_on_every_ct_config(files, demo_volumes):
+    key = "volume_transform" if files[0] == "train.yaml" else "preprocessing"
+    parser = parse_configs(files, dataset_dir=str(demo_volumes / "btcv"), classes="organs")
+    for k in ("mask_codec", key):
+        with pytest.raises(RuntimeError) as err:
+            parser.get_parsed_content(k)
+        assert "unknown --classes 'organs'; choose one of binary, all13, transunet8, disc_cup" in str(
+            err.value.__cause__
+        ), k
+
