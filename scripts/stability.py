@@ -8,6 +8,13 @@ on the binary masks ("Seg") and on the probability maps ("Score") at the network
 image and then over images. Dataset level: LPIPS between each run's predictions and the first run's (mean over
 images, then over runs), with the ``lpips`` package when its backbone weights are on disk; otherwise reported
 as unavailable.
+
+Multi-class (``--classes all13|transunet8``): the maps are the C class probabilities; "Seg" is the one-hot argmax,
+"Score" the probabilities, each metric taken over the C channels (LPIPS: the mean over the channels).
+
+Where the cases carry labels (CT volumes through ``configs/ct.yaml``), each run is also scored as ``evaluate`` scores
+it (:class:`scripts.seed_dice.SeedDice`): Dice per seed (multi-class: per organ and the mean organ Dice) and the
+spread over the seeds (max - min, with mean and std) -> ``stability_seeds.csv`` and ``stability.json``'s ``seeds``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from scripts.evaluation import configured_sampler, run_with_inferer
 from scripts.handlers import OutputCollector
 from scripts.io_utils import atomic_write_csv, atomic_write_json, json_safe
 from scripts.metrics import format_table, mean_std, summarise
+from scripts.seed_dice import SeedDice, seed_rows, seed_spread
 
 __all__ = ["ms_ssim_settings", "load_lpips", "StabilityAccumulator", "StabilityEvaluation"]
 
@@ -93,8 +101,9 @@ def load_lpips(net: str | None = "alex", pnet_rand: bool = False):
 
 class StabilityAccumulator:
     """Stability of M runs against the first one. ``add(run)`` once per run, with ``{name: score map
-    (1, H, W) or (1, H, W, D) in [0, 1]}``; the first call sets the reference. Masks ("seg") are
-    ``score > threshold``. Maps of different sizes are fine (each name keeps its size across runs).
+    (C, H, W) or (C, H, W, D) in [0, 1]}`` (C = 1: binary; otherwise class probabilities); the first call sets the
+    reference. Masks ("seg") are ``score > threshold`` (C > 1: the one-hot argmax). Maps of different sizes are fine
+    (each name keeps its size across runs).
 
     Args:
         psnr_cap: identical maps have PSNR = inf; values are capped at this many dB (``None``: keep inf,
@@ -131,7 +140,7 @@ class StabilityAccumulator:
             self.reference, self.num_runs = run, 1
             dims = {v.ndim - 1 for v in run.values()}
             if len(dims) != 1 or not dims <= {2, 3}:
-                raise ValueError(f"stability expects (1, H, W) or (1, H, W, D) maps, got {sorted(dims)} spatial dims")
+                raise ValueError(f"stability expects (C, H, W) or (C, H, W, D) maps, got {sorted(dims)} spatial dims")
             self.spatial_dims = dims.pop()
             size = min(min(v.shape[1:]) for v in run.values())
             self.kernel, self.weights, self.ms_ssim_note = ms_ssim_settings(size, self.ms_ssim_kernel)
@@ -180,17 +189,21 @@ class StabilityAccumulator:
         self.num_runs += 1
 
     def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Sum over the batch of LPIPS(a, b); (B, 1, H, W) maps in [0, 1] as 3 channels; volumes slice by slice
-        along the last axis (a volume's value: the mean over its slices)."""
-        depth = 1
+        """Sum over the batch of LPIPS(a, b); (B, C, H, W) maps in [0, 1], each channel as 3 channels (an image's
+        value: the mean over its C channels); volumes slice by slice along the last axis (the mean over its slices)."""
+        depth, channels = 1, a.shape[1]
         if a.ndim == 5:
             depth = a.shape[-1]
             a, b = (x.permute(0, 4, 1, 2, 3).reshape(-1, *x.shape[1:4]) for x in (a, b))
+        a, b = (x.reshape(-1, 1, *x.shape[2:]) for x in (a, b))
         with torch.no_grad():  # normalize=True: the package maps [0, 1] to its [-1, 1] input
             d = self.lpips(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1), normalize=True)
-        return float(d.sum()) / depth
+        return float(d.sum()) / depth / channels
 
     def _seg(self, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if maps[0].shape[1] > 1:  # class probabilities (B, C, ...): the one-hot argmax
+            c = maps[0].shape[1]
+            return tuple(torch.nn.functional.one_hot(m.argmax(1), c).movedim(-1, 1).float() for m in maps)
         return tuple((m > self.threshold).float() for m in maps)
 
     def per_image(self) -> list[dict]:
@@ -229,6 +242,11 @@ class StabilityEvaluation:
     Writes ``<output_dir>/stability.csv`` (the table row), ``stability.json`` (mean, std, n of each column and
     the notes) and ``stability_per_image.csv``, atomically, and prints the table. The evaluator's
     ``pred`` must be the probability map at the network's resolution (no post-processing).
+
+    ``seed_dice`` (:class:`~scripts.seed_dice.SeedDice`, optional): when the cases carry labels, each run's
+    evaluation goes to ``<output_dir>/seeds/seed<S>/`` and the Dice per seed and its spread to
+    ``stability_seeds.csv`` (one row per seed, then ``spread``, ``mean``, ``std``) and ``stability.json``'s
+    ``seeds`` (``per_seed``, ``spread``, ``key``: ``organ_mean_dice`` multi-class, ``dice`` binary).
     """
 
     def __init__(
@@ -243,6 +261,7 @@ class StabilityEvaluation:
         lpips_net: str | None = "alex",
         lpips_pnet_rand: bool = False,
         threshold: float = 0.5,
+        seed_dice: SeedDice | None = None,
     ):
         if num_runs < 2:
             raise ValueError(f"stability needs num_runs >= 2, got {num_runs}")
@@ -253,22 +272,53 @@ class StabilityEvaluation:
         )
         self.collector = OutputCollector("pred")
         self.collector.attach(evaluator)
+        self.seed_dice = seed_dice
+        if seed_dice is not None:
+            seed_dice.attach(evaluator)
 
     def run(self) -> dict:
         acc = StabilityAccumulator(**self.accumulator_args)
         configured = configured_sampler(self.evaluator.inferer)
+        summaries = []
         for m in range(self.num_runs):
+            if self.seed_dice is not None:
+                self.seed_dice.set_output_dir(self.output_dir / "seeds" / f"seed{self.seed + m}")
             run_with_inferer(self.evaluator, configured.variant(self.num_steps, self.num_samples, self.seed + m))
             acc.add(self.collector.outputs)
+            if self.seed_dice is not None and self.seed_dice.summary is not None:
+                summaries.append((self.seed + m, self.seed_dice.summary))
         result = acc.result(method=f"SDSeg {self.num_steps}x{self.num_samples}")
+        if summaries:
+            result["seeds"] = self._seeds(summaries)
         atomic_write_csv(self.output_dir / "stability.csv", [result["table"]])
         atomic_write_csv(self.output_dir / "stability_per_image.csv", result["per_image"])
         atomic_write_json(
-            self.output_dir / "stability.json", json_safe({k: result[k] for k in ("table", "summary", "notes")})
+            self.output_dir / "stability.json",
+            json_safe({k: result[k] for k in ("table", "summary", "notes", "seeds") if k in result}),
         )
         text = format_table([result["table"]], list(result["table"]))
         notes = "\n".join(f"  {k}: {v}" for k, v in result["notes"].items())
         seeds = f"seeds {self.seed}..{self.seed + self.num_runs - 1}"
         print(f"stability over {self.num_runs} runs ({seeds}):\n{text}\n{notes}")
+        if "seeds" in result:
+            self._print_seeds(result["seeds"])
         logger.info(f"stability -> {self.output_dir / 'stability.json'}")
         return result
+
+    def _seeds(self, summaries: list[tuple[int, dict]]) -> dict:
+        """Dice per seed and its spread; ``stability_seeds.csv``: the seeds' rows, then spread, mean and std."""
+        sd = self.seed_dice
+        rows = seed_rows(summaries, sd.class_names, sd.multiclass)
+        spread = seed_spread(rows)
+        stats = [{"seed": stat, **{c: v[stat] for c, v in spread.items()}} for stat in ("spread", "mean", "std")]
+        per_seed = [{k: v for k, v in r.items() if k != "n"} for r in rows]
+        atomic_write_csv(self.output_dir / "stability_seeds.csv", per_seed + stats)
+        return {"key": "organ_mean_dice" if sd.multiclass else "dice", "per_seed": rows, "spread": spread}
+
+    @staticmethod
+    def _print_seeds(seeds: dict) -> None:
+        key, spread = seeds["key"], seeds["spread"]
+        columns = ["seed", key, *(c for c in spread if c.startswith("dice_"))]
+        rows = seeds["per_seed"] + [{"seed": "spread", **{c: v["spread"] for c, v in spread.items()}}]
+        print(f"Dice per seed ({key}; spread = max - min over the seeds):\n" + format_table(rows, columns))
+        print(f"seed spread of {key}: {spread[key]['spread']:.4f} (std {spread[key]['std']:.4f})")

@@ -97,3 +97,61 @@ def test_unknown_classes_fails_listing_the_choices_on_every_ct_config(files, dem
             err.value.__cause__
         ), k
 
+
+# ---- stability: the seed spread of the per-organ Dice ----------------------------------------------------
+def test_stability_all13_reports_per_organ_dice_per_seed_and_its_spread(demo_volumes, tmp_path):
+    """``run stability --classes all13`` through ct.yaml on generated volumes (a random-weight tiny model whose masks
+    depend on the image and the noise): per seed the mean organ Dice and one Dice per organ, each run scored as
+    ``evaluate`` scores it, and the spread over the seeds (max - min, with std) of every column."""
+    from conftest import input_dependent_tiny_sdseg
+
+    root, c = tmp_path, get_class_set("all13")
+    (root / "models").mkdir()
+    model = input_dependent_tiny_sdseg(seed=0, classes="all13")
+    torch.save({"model": model.state_dict()}, root / "models" / "model.pt")
+    files = ["inference.yaml", "ct.yaml", "stability.yaml", "tiny.yaml"]
+    common = ["--bundle_root", str(root), "--dataset_dir", str(demo_volumes / "btcv"), "--classes", "all13"]
+    proc = run_bundle("stability", files, root, *common, "--image_size", "32", "--num_runs", "3", "--lpips_net", "none")
+    out = root / "eval" / "stability"
+    seeds = json.loads((out / "stability.json").read_text())["seeds"]
+    assert seeds["key"] == "organ_mean_dice" and [r["seed"] for r in seeds["per_seed"]] == [0, 1, 2]
+    columns = ["organ_mean_dice", *(f"dice_{n}" for n in c.organs)]
+    # each seed's figures are that run's own evaluation (seeds/seed<S>/summary.json, per-volume metrics.csv)
+    for row in seeds["per_seed"]:
+        summary = json.loads((out / "seeds" / f"seed{row['seed']}" / "summary.json").read_text())
+        assert row["organ_mean_dice"] == pytest.approx(summary["organ_mean_dice"])
+        assert all(row[k] == pytest.approx(summary[k]["mean"], nan_ok=True) for k in columns[1:])
+        lines = (out / "seeds" / f"seed{row['seed']}" / "metrics.csv").read_text().splitlines()
+        header, cases = lines[0].split(","), [dict(zip(lines[0].split(","), x.split(","))) for x in lines[1:]]
+        assert [x["name"] for x in cases] == ["img0001.nii.gz", "img0002.nii.gz"] and "dice_liver" in header
+        organ_means = [np.nanmean([float(x[f"dice_{n}"]) for x in cases]) for n in c.organs]
+        assert row["organ_mean_dice"] == pytest.approx(np.nanmean(organ_means))
+    # the seeds are different runs: their per-volume organ Dice differ
+    per_seed = {k: [r[k] for r in seeds["per_seed"]] for k in columns}
+    assert len(set(per_seed["organ_mean_dice"])) == 3
+    # the spread of each column is max - min of that column's per-seed values (std the population std)
+    for k in columns:
+        values = [v for v in per_seed[k] if v == v]
+        assert seeds["spread"][k]["spread"] == pytest.approx(max(values) - min(values)), k
+        assert seeds["spread"][k]["std"] == pytest.approx(float(np.std(values))), k
+    assert seeds["spread"]["organ_mean_dice"]["spread"] > 0
+    spreads = {round(seeds["spread"][k]["spread"], 9) for k in columns}
+    assert len(spreads) > 3  # the columns' spreads differ: a spread taken on the wrong column would show
+    table = (out / "stability_seeds.csv").read_text().splitlines()
+    assert table[0].startswith("seed,dice,iou,organ_mean_dice,dice_spleen,") and table[0].endswith("adrenal_gland_left")
+    assert [r.split(",")[0] for r in table[1:]] == ["0", "1", "2", "spread", "mean", "std"]
+    assert float(table[4].split(",")[3]) == pytest.approx(seeds["spread"]["organ_mean_dice"]["spread"])
+    assert "seed spread of organ_mean_dice" in proc.stdout and "| seed | organ_mean_dice | dice_spleen |" in proc.stdout
+    # evaluate with the same seed gives the same figures (the stability run scores as evaluate does)
+    parse_configs(
+        EVAL,
+        bundle_root=str(root),
+        dataset_dir=str(demo_volumes / "btcv"),
+        classes="all13",
+        image_size=32,
+        seed=1,
+        eval_dir=str(root / "eval1"),
+        device="$torch.device('cpu')",
+    ).get_parsed_content("evaluate")
+    evaluated = json.loads((root / "eval1" / "summary.json").read_text())
+    assert evaluated["organ_mean_dice"] == pytest.approx(seeds["per_seed"][1]["organ_mean_dice"])
