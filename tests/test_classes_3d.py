@@ -98,6 +98,42 @@ def test_unknown_classes_fails_listing_the_choices_on_every_ct_config(files, dem
         ), k
 
 
+# ---- README: training and evaluating all 13 organs on BTCV -----------------------------------------------
+def test_readme_btcv_all13_commands_resolve(demo_volumes, tmp_path):
+    """README's commands with ``--classes all13`` (both training stages, evaluate, stability), merged and resolved as
+    typed (their config files, order and options; the demo volumes as --dataset_dir): the all13 codec, the volume
+    chain, the data lists, and per-organ columns in the report; beyond test_readme.py's key check, nothing stale."""
+    from test_readme import BUNDLE, config_files, options
+
+    c, seen = get_class_set("all13"), set()
+    for cmd in [c for c in BUNDLE if options(c[3:]).get("classes") == "all13"]:
+        opts, run_id = options(cmd[3:]), cmd[3]
+        files = [f.name for f in config_files(opts.pop("config_file"))]
+        opts.update(dataset_dir=str(demo_volumes / "btcv"), bundle_root=str(tmp_path))
+        parser = parse_configs(files, **opts)
+        assert parser.get_parsed_content("mask_codec").class_names == c.names
+        assert parser.get_parsed_content("foreground") is None and "ct.yaml" in files
+        if run_id == "training":
+            chain = parser.get_parsed_content("volume_transform")
+            assert json.loads(chain.signature)[-1] == "all13"
+            assert [d["name"] for d in parser.get_parsed_content("train#dataset#data")] == [
+                "img0005",
+                "img0006",
+                "img0007",
+            ]
+            parser.get_parsed_content("autoencoder_def")
+            seen.add("autoencoder stage" if "train_autoencoder.yaml" in files else "sdseg stage")
+            continue
+        parser.get_parsed_content("preprocessing")
+        assert [d["name"] for d in parser.get_parsed_content("datalist")] == ["img0001", "img0002"]
+        if run_id == "evaluate":
+            assert parser.get_parsed_content("report").class_names == c.names
+        if run_id == "stability":
+            assert parser.get_parsed_content("stability_evaluation#seed_dice").class_names == c.names
+        seen.add(run_id)
+    assert seen == {"autoencoder stage", "sdseg stage", "evaluate", "stability"}
+
+
 # ---- stability: the seed spread of the per-organ Dice ----------------------------------------------------
 def test_stability_all13_reports_per_organ_dice_per_seed_and_its_spread(demo_volumes, tmp_path):
     """``run stability --classes all13`` through ct.yaml on generated volumes (a random-weight tiny model whose masks
