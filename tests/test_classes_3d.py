@@ -43,6 +43,19 @@ def test_foreground_with_multiclass_classes_is_refused_at_start(files, foregroun
     assert "drop --foreground" in message
 
 
+def test_foreground_with_classes_stops_the_cli_before_reading(demo_volumes, tmp_path):
+    """As typed: the autoencoder stage with --foreground liver --classes all13 exits with the message, no cache."""
+    with pytest.raises(AssertionError, match="--foreground liver is the binary foreground; --classes all13") as err:
+        run_bundle(
+            "training",
+            AE,
+            tmp_path,
+            *("--bundle_root", str(tmp_path), "--dataset_dir", str(demo_volumes / "btcv")),
+            *("--foreground", "liver", "--classes", "all13"),
+        )
+    assert "drop --foreground" in str(err.value) and not (tmp_path / "data" / "cache").exists()
+
+
 def test_foreground_default_and_binary_cache_key_are_unchanged(demo_volumes):
     """ct.yaml's foreground is null now: binary reads it as all13 (the paper), with the cache signature it had when
     the default was the literal "all13", so binary caches and results stay as they were; --classes alone is fine."""
