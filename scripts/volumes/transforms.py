@@ -1,4 +1,4 @@
-"""The volume transform chain: files -> image (3, S, S, D) in [-1, 1] and binary label, with voxel checks."""
+"""The volume transform chain: files -> image (3, S, S, D) in [-1, 1] and label (binary or class indices), checked."""
 
 from __future__ import annotations
 
