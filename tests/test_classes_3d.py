@@ -162,6 +162,7 @@ def test_stability_all13_reports_per_organ_dice_per_seed_and_its_spread(demo_vol
     common = ["--bundle_root", str(root), "--dataset_dir", str(demo_volumes / "btcv"), "--classes", "all13"]
     proc = run_bundle("stability", files, root, *common, "--image_size", "32", "--num_runs", "3", "--lpips_net", "none")
     out = root / "eval" / "stability"
+    assert not (out / "stability_reference.tmp").exists()  # the reference run's maps were scratch, now gone
     seeds = json.loads((out / "stability.json").read_text())["seeds"]
     assert seeds["key"] == "organ_mean_dice" and [r["seed"] for r in seeds["per_seed"]] == [0, 1, 2]
     columns = ["organ_mean_dice", *(f"dice_{n}" for n in c.organs)]
