@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
+from scripts import channel_ssim
 from scripts.evaluation import configured_sampler, run_with_inferer
 from scripts.handlers import OutputFeed
 from scripts.io_utils import atomic_write_csv, atomic_write_json, json_safe
@@ -46,6 +47,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # MONAI's (and Wang 
 KINDS = ("seg", "score")
 SCRATCH = "stability_reference.tmp"  # under output_dir: the first run's maps while the runs go on
 INSTANCE_METRICS = ("psnr", "ssim", "ms_ssim")
+LPIPS_IMAGES = 64  # 2D images (a slice's channel each) per LPIPS forward pass
 
 
 def ms_ssim_settings(
@@ -242,14 +244,25 @@ class StabilityAccumulator:
             ),
         }
 
+    def _metric(self, metric: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One value per map: MONAI's metric, or for C-class maps SSIM / MS-SSIM channel by channel
+        (:mod:`scripts.channel_ssim`: the same figure, a dozen fewer volume-sized temporaries)."""
+        if metric != "psnr" and pred.shape[1] > 1:
+            if metric == "ssim":
+                return channel_ssim.ssim(pred, target, self.spatial_dims).view(-1)
+            return channel_ssim.ms_ssim(pred, target, self.spatial_dims, 1.0, self.kernel, self.weights).view(-1)
+        fn = self.metrics[metric]
+        values = fn(pred, target).view(-1)
+        fn.reset()
+        return values
+
     def _compare(self, names: list[str], ref: torch.Tensor, other: torch.Tensor) -> None:
         """Per-image metrics of a stack of a later run's maps against the reference's, into the current run."""
         run = self._run
         for kind, (a, b) in zip(KINDS, (self._seg(ref, other), (ref, other))):
             run["identical"][kind] += int(sum(torch.equal(x, y) for x, y in zip(a, b)))
-            for metric, fn in self.metrics.items():
-                values = fn(b, a).view(-1)
-                fn.reset()
+            for metric in INSTANCE_METRICS:
+                values = self._metric(metric, b, a)
                 if metric == "psnr" and self.psnr_cap is not None:
                     values = values.clamp(max=self.psnr_cap)
                 for name, v in zip(names, values.tolist()):
@@ -259,15 +272,23 @@ class StabilityAccumulator:
 
     def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """Sum over the batch of LPIPS(a, b); (B, C, H, W) maps in [0, 1], each channel as 3 channels (an image's
-        value: the mean over its C channels); volumes slice by slice along the last axis (the mean over its slices)."""
-        depth, channels = 1, a.shape[1]
-        if a.ndim == 5:
-            depth = a.shape[-1]
-            a, b = (x.permute(0, 4, 1, 2, 3).reshape(-1, *x.shape[1:4]) for x in (a, b))
-        a, b = (x.reshape(-1, 1, *x.shape[2:]) for x in (a, b))
+        value: the mean over its C channels); volumes slice by slice along the last axis (the mean over its slices).
+        At most ``LPIPS_IMAGES`` 2D images per forward pass (the network's activations of a whole volume's slices
+        and channels at once would be tens of volumes)."""
+        depth, channels = (a.shape[-1] if a.ndim == 5 else 1), a.shape[1]
+        step = max(1, LPIPS_IMAGES // channels)
+        if a.ndim == 5:  # (B, C, H, W, D) -> k slices of every case: (B * k * C, 1, H, W)
+            parts = [
+                [x[..., k : k + step].permute(0, 4, 1, 2, 3).reshape(-1, 1, *x.shape[2:4]) for x in (a, b)]
+                for k in range(0, depth, step)
+            ]
+        else:
+            parts = [[x[i : i + step].reshape(-1, 1, *x.shape[2:]) for x in (a, b)] for i in range(0, len(a), step)]
+        total = 0.0
         with torch.no_grad():  # normalize=True: the package maps [0, 1] to its [-1, 1] input
-            d = self.lpips(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1), normalize=True)
-        return float(d.sum()) / depth / channels
+            for x, y in parts:
+                total += float(self.lpips(x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1), normalize=True).sum())
+        return total / depth / channels
 
     def _seg(self, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if maps[0].shape[1] > 1:  # class probabilities (B, C, ...): the one-hot argmax

@@ -316,6 +316,27 @@ def test_streamed_multiclass_3d_items_equal_the_all_in_memory_computation():
     streamed.close(), whole.close()
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 48, 40), (1, 6, 32, 32, 20)])
+def test_channel_by_channel_ssim_equals_monai(shape):
+    """C-class maps: SSIM and MS-SSIM computed one channel at a time are MONAI's figures on the whole map."""
+    from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
+
+    from scripts import channel_ssim
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.softmax(3 * torch.rand(shape, generator=g), 1)
+    b = torch.softmax(torch.log(a) + torch.rand(shape, generator=g), 1)
+    sd = len(shape) - 2
+    kernel, weights, _ = ms_ssim_settings(min(shape[2:]))
+    expected = SSIMMetric(spatial_dims=sd, data_range=1.0, reduction="none")(b, a)
+    assert channel_ssim.ssim(b, a, sd).shape == expected.shape
+    torch.testing.assert_close(channel_ssim.ssim(b, a, sd), expected, rtol=1e-5, atol=1e-7)
+    monai_ms = MultiScaleSSIMMetric(
+        spatial_dims=sd, data_range=1.0, kernel_size=kernel, weights=weights, reduction="none"
+    )(b, a)
+    torch.testing.assert_close(channel_ssim.ms_ssim(b, a, sd, 1.0, kernel, weights), monai_ms, rtol=1e-5, atol=1e-7)
+
+
 def tensors_held(obj, seen=None):
     """Every tensor reachable from ``obj`` through attributes, containers and bound methods (modules, engines and
     the evaluator left out: they hold weights and the batch being processed)."""
