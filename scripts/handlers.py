@@ -4,7 +4,8 @@
   each decollated case of each iteration (:meth:`~CaseHandler.add`) and its end (:meth:`~CaseHandler.completed`).
 * :class:`SegmentationReport`: per-case Dice / IoU (/ HD95) -> ``metrics.csv`` and ``summary.json``.
 * :class:`CaseFigures`: the first cases as a picture grid -> ``cases.png``.
-* :class:`OutputCollector`: ``{file name: output}`` of the latest run (stability, paired by name).
+* :class:`OutputCollector`: ``{file name: output}`` of the latest run (paired by name).
+* :class:`OutputFeed`: each iteration's ``{file name: output}`` handed on and dropped (stability, paired by name).
 * :class:`ProgressBar`, :class:`AtomicCheckpointSaver`, :class:`EMAFromNetwork`, :func:`lr_schedule`: for the trainer.
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "SegmentationReport",
     "CaseFigures",
     "OutputCollector",
+    "OutputFeed",
     "ProgressBar",
     "AtomicCheckpointSaver",
     "EMAFromNetwork",
@@ -192,6 +194,34 @@ class OutputCollector(CaseHandler):
         if name in self.outputs:
             raise ValueError(f"two inputs named {name}: runs are paired by file name, names must be unique")
         self.outputs[name] = torch.as_tensor(item[self.key]).detach().float().cpu()
+
+
+class OutputFeed(CaseHandler):
+    """Hands each iteration's ``{image file name: output[key] on the CPU}`` to ``sink`` (a callable; ``None``: nothing
+    is done) and keeps nothing: :class:`OutputCollector` without holding the run (the stability run compares each
+    map with its reference as soon as it is produced)."""
+
+    def __init__(self, key: str = "pred", name_key: str = "image", sink=None):
+        self.key, self.name_key, self.sink = key, name_key, sink
+
+    def reset(self) -> None:
+        """Nothing is kept between iterations."""
+
+    def iteration_completed(self, engine: Engine) -> None:
+        self.feed(engine.state.output)
+
+    def add(self, item: Mapping) -> None:
+        self.feed([item])
+
+    def feed(self, items) -> None:
+        batch: dict[str, torch.Tensor] = {}
+        for item in items:
+            name = case_name(item, self.name_key)
+            if name in batch:
+                raise ValueError(f"two inputs named {name}: runs are paired by file name, names must be unique")
+            batch[name] = torch.as_tensor(item[self.key]).detach().float().cpu()
+        if self.sink is not None and batch:
+            self.sink(batch)
 
 
 class ProgressBar(_IgniteProgressBar):

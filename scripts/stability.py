@@ -1,13 +1,21 @@
 """Stability under different noise (paper Sec. 3.3, Table 5, Appendix A), run id ``stability``.
 
 :class:`StabilityEvaluation` runs the bundle's evaluator M times with seeds ``seed, seed + 1, ...``
-(:func:`scripts.evaluation.run_with_inferer`), collects the outputs by image file name (runs are paired by
-name, never by the order files were listed or loaded) and compares every run with the first one. Instance
-level: PSNR, SSIM and MS-SSIM (MONAI metrics, data range 1) per image between the first and each other run,
-on the binary masks ("Seg") and on the probability maps ("Score") at the network's resolution, averaged per
-image and then over images. Dataset level: LPIPS between each run's predictions and the first run's (mean over
-images, then over runs), with the ``lpips`` package when its backbone weights are on disk; otherwise reported
-as unavailable.
+(:func:`scripts.evaluation.run_with_inferer`), pairs the outputs by image file name (never by the order files were
+listed or loaded) and compares every run with the first one, each map as soon as it is produced: the first run's
+maps wait on disk (:mod:`scripts.reference_store`), so memory stays at about one evaluator batch of maps (CT: one
+volume's). Instance level: PSNR, SSIM and MS-SSIM (MONAI metrics, data range 1) per image between the first and
+each other run, on the binary masks ("Seg") and on the probability maps ("Score") at the network's resolution,
+averaged per image and then over images. Dataset level: LPIPS between each run's predictions and the first run's
+(mean over images, then over runs), with the ``lpips`` package when its backbone weights are on disk; otherwise
+reported as unavailable.
+
+Multi-class (``--classes all13|transunet8``): the maps are the C class probabilities; "Seg" is the one-hot argmax,
+"Score" the probabilities, each metric taken over the C channels (LPIPS: the mean over the channels).
+
+Where the cases carry labels (CT volumes through ``configs/ct.yaml``), each run is also scored as ``evaluate`` scores
+it (:class:`scripts.seed_dice.SeedDice`): Dice per seed (multi-class: per organ and the mean organ Dice) and the
+spread over the seeds (max - min, with mean and std) -> ``stability_seeds.csv`` and ``stability.json``'s ``seeds``.
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ from pathlib import Path
 import torch
 from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 
+from scripts import channel_ssim
 from scripts.evaluation import configured_sampler, run_with_inferer
-from scripts.handlers import OutputCollector
+from scripts.handlers import OutputFeed
 from scripts.io_utils import atomic_write_csv, atomic_write_json, json_safe
 from scripts.metrics import format_table, mean_std, summarise
+from scripts.reference_store import ReferenceStore
+from scripts.seed_dice import SeedDice, seed_rows, seed_spread
 
 __all__ = ["ms_ssim_settings", "load_lpips", "StabilityAccumulator", "StabilityEvaluation"]
 
@@ -34,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # MONAI's (and Wang et al.'s) 5 scales
 KINDS = ("seg", "score")
+SCRATCH = "stability_reference.tmp"  # under output_dir: the first run's maps while the runs go on
 INSTANCE_METRICS = ("psnr", "ssim", "ms_ssim")
+LPIPS_IMAGES = 64  # 2D images (a slice's channel each) per LPIPS forward pass
 
 
 def ms_ssim_settings(
@@ -92,16 +105,25 @@ def load_lpips(net: str | None = "alex", pnet_rand: bool = False):
 
 
 class StabilityAccumulator:
-    """Stability of M runs against the first one. ``add(run)`` once per run, with ``{name: score map
-    (1, H, W) or (1, H, W, D) in [0, 1]}``; the first call sets the reference. Masks ("seg") are
-    ``score > threshold``. Maps of different sizes are fine (each name keeps its size across runs).
+    """Stability of M runs against the first one, fed a run at a time or a case at a time.
+
+    Per case (what :class:`StabilityEvaluation` does): :meth:`start_run`, then :meth:`add_items` with some of the run's
+    ``{name: score map}`` as they are produced (each compared with the reference and dropped), then :meth:`end_run`.
+    Whole runs: ``add(run)``, the same three steps. Maps are ``(C, H, W)`` or ``(C, H, W, D)`` in [0, 1] (C = 1:
+    binary; otherwise class probabilities); the first run is the reference. Masks ("seg") are ``score > threshold``
+    (C > 1: the one-hot argmax). Maps of different sizes are fine (each name keeps its size across runs).
+
+    Memory: the reference run's maps go to disk (:class:`~scripts.reference_store.ReferenceStore`, float32, in
+    ``scratch_dir`` or a temporary folder) and each later map is compared with its reference as it arrives, so the
+    accumulator holds no map between calls, only per-image sums. :meth:`close` deletes the reference's files.
 
     Args:
         psnr_cap: identical maps have PSNR = inf; values are capped at this many dB (``None``: keep inf,
             and any identical pair makes the mean inf). The number of identical pairs is reported either way.
         lpips_net: ``alex`` | ``vgg`` | ``squeeze`` | ``none``; see :func:`load_lpips`.
         lpips_pnet_rand: random LPIPS backbone (tests only).
-        chunk: images per metric call.
+        chunk: at most this many equally sized maps per metric call.
+        scratch_dir: the folder for the reference's ``.npy`` files (``None``: a temporary folder).
     """
 
     def __init__(
@@ -112,85 +134,166 @@ class StabilityAccumulator:
         threshold: float = 0.5,
         ms_ssim_kernel: int = 11,
         chunk: int = 64,
+        scratch_dir: str | Path | None = None,
     ):
         self.psnr_cap = None if psnr_cap is None else float(psnr_cap)
         self.threshold, self.ms_ssim_kernel, self.chunk = float(threshold), int(ms_ssim_kernel), int(chunk)
         self.lpips, self.lpips_status = load_lpips(lpips_net, lpips_pnet_rand)
-        self.reference: dict[str, torch.Tensor] | None = None
+        self.reference = ReferenceStore(scratch_dir)
+        self.spatial_dims: int | None = None
         self.sums: dict[str, dict[str, float]] = {}  # name -> "psnr_seg" ... -> sum over runs
         self.identical = dict.fromkeys(KINDS, 0)
         self.lpips_runs: dict[str, list[float]] = {k: [] for k in KINDS}
         self.num_runs = 0
         self.ms_ssim_note = ""
+        self._run: dict | None = None  # the run being added: its per-image values (numbers only), until end_run
 
+    # ---- feeding ---------------------------------------------------------------------------------------------
     def add(self, run: Mapping[str, torch.Tensor]) -> None:
-        run = {name: torch.as_tensor(v).detach().float().cpu() for name, v in run.items()}
-        if self.reference is None:
-            if not run:
-                raise ValueError("stability: the first run produced no predictions")
-            self.reference, self.num_runs = run, 1
-            dims = {v.ndim - 1 for v in run.values()}
-            if len(dims) != 1 or not dims <= {2, 3}:
-                raise ValueError(f"stability expects (1, H, W) or (1, H, W, D) maps, got {sorted(dims)} spatial dims")
-            self.spatial_dims = dims.pop()
-            size = min(min(v.shape[1:]) for v in run.values())
-            self.kernel, self.weights, self.ms_ssim_note = ms_ssim_settings(size, self.ms_ssim_kernel)
-            sd = self.spatial_dims
-            self.metrics = {
-                "psnr": PSNRMetric(max_val=1.0, reduction="none"),
-                "ssim": SSIMMetric(spatial_dims=sd, data_range=1.0, reduction="none"),
-                "ms_ssim": MultiScaleSSIMMetric(
-                    spatial_dims=sd, data_range=1.0, kernel_size=self.kernel, weights=self.weights, reduction="none"
-                ),
-            }
+        """One whole run ``{name: map}``."""
+        self.start_run()
+        self.add_items(run)
+        self.end_run()
+
+    def start_run(self) -> None:
+        self._run = {
+            "values": {},
+            "extra": [],
+            "identical": dict.fromkeys(KINDS, 0),
+            "lpips": dict.fromkeys(KINDS, 0.0),
+        }
+
+    def add_items(self, items: Mapping[str, torch.Tensor]) -> None:
+        """Maps of the current run: the first run's are written to the reference store, a later run's are compared
+        with the reference at once. None is kept."""
+        if self._run is None:
+            raise RuntimeError("start_run() before add_items()")
+        seen = self._run["values"]
+        for name in items:
+            if name in seen or name in self._run["extra"]:
+                raise ValueError(f"two inputs named {name}: runs are paired by file name, names must be unique")
+        items = {n: torch.as_tensor(v).detach().cpu().as_subclass(torch.Tensor).float() for n, v in items.items()}
+        if self.num_runs == 0:
+            for name, value in items.items():
+                self._check_dims(value)
+                self.reference.put(name, value)
+                seen[name] = None
             return
-        missing, extra = sorted(set(self.reference) - set(run)), sorted(set(run) - set(self.reference))
+        groups = defaultdict(list)  # metrics run on stacks of equally sized maps
+        for name, value in items.items():
+            if name not in self.reference:
+                self._run["extra"].append(name)
+                continue
+            if tuple(value.shape) != self.reference.shapes[name]:
+                raise ValueError(
+                    f"{name}: size {tuple(value.shape)} differs from the first run's {self.reference.shapes[name]}"
+                )
+            groups[tuple(value.shape)].append(name)
+        for part in (g[i : i + self.chunk] for g in groups.values() for i in range(0, len(g), self.chunk)):
+            self._compare(
+                part, torch.stack([self.reference.get(n) for n in part]), torch.stack([items[n] for n in part])
+            )
+
+    def end_run(self) -> None:
+        """Close the current run: the reference's MS-SSIM settings, or a later run's values (when it covered the
+        reference's images exactly)."""
+        run, self._run = self._run, None
+        if run is None:
+            raise RuntimeError("start_run() before end_run()")
+        if self.num_runs == 0:
+            if not self.reference:
+                raise ValueError("stability: the first run produced no predictions")
+            self._set_metrics()
+            self.num_runs = 1
+            return
+        missing, extra = sorted(set(self.reference) - set(run["values"])), sorted(run["extra"])
         if missing or extra:
             raise ValueError(
                 f"run {self.num_runs + 1} does not cover the first run's images: missing {missing}, extra {extra}"
             )
-        names = sorted(self.reference)
-        lpips_sums = dict.fromkeys(KINDS, 0.0)
-        groups = defaultdict(list)  # metrics run on stacks of equally sized maps
-        for n in names:
-            if run[n].shape != self.reference[n].shape:
-                raise ValueError(
-                    f"{n}: size {tuple(run[n].shape)} differs from the first run's {tuple(self.reference[n].shape)}"
-                )
-            groups[tuple(run[n].shape)].append(n)
-        chunks = [g[i : i + self.chunk] for g in groups.values() for i in range(0, len(g), self.chunk)]
-        for part in chunks:
-            ref = torch.stack([self.reference[n] for n in part])
-            other = torch.stack([run[n] for n in part])
-            for kind, (a, b) in zip(KINDS, (self._seg(ref, other), (ref, other))):
-                self.identical[kind] += int(sum(torch.equal(x, y) for x, y in zip(a, b)))
-                for metric, fn in self.metrics.items():
-                    values = fn(b, a).view(-1)
-                    fn.reset()
-                    if metric == "psnr" and self.psnr_cap is not None:
-                        values = values.clamp(max=self.psnr_cap)
-                    for name, v in zip(part, values.tolist()):
-                        row = self.sums.setdefault(name, {})
-                        row[f"{metric}_{kind}"] = row.get(f"{metric}_{kind}", 0.0) + v
-                if self.lpips is not None:
-                    lpips_sums[kind] += self._lpips(a, b)
-        if self.lpips is not None:
-            for kind in KINDS:
-                self.lpips_runs[kind].append(lpips_sums[kind] / len(names))
+        for name, values in run["values"].items():
+            row = self.sums.setdefault(name, {})
+            for column, v in values.items():
+                row[column] = row.get(column, 0.0) + v
+        for kind in KINDS:
+            self.identical[kind] += run["identical"][kind]
+            if self.lpips is not None:
+                self.lpips_runs[kind].append(run["lpips"][kind] / len(self.reference))
         self.num_runs += 1
 
+    def close(self) -> None:
+        """Delete the reference run's files."""
+        self.reference.remove()
+
+    # ---- metrics ---------------------------------------------------------------------------------------------
+    def _check_dims(self, value: torch.Tensor) -> None:
+        dims = {value.ndim - 1} | ({self.spatial_dims} if self.spatial_dims is not None else set())
+        if len(dims) != 1 or not dims <= {2, 3}:
+            raise ValueError(f"stability expects (C, H, W) or (C, H, W, D) maps, got {sorted(dims)} spatial dims")
+        self.spatial_dims = dims.pop()
+
+    def _set_metrics(self) -> None:
+        size = min(min(shape[1:]) for shape in self.reference.shapes.values())
+        self.kernel, self.weights, self.ms_ssim_note = ms_ssim_settings(size, self.ms_ssim_kernel)
+        sd = self.spatial_dims
+        self.metrics = {
+            "psnr": PSNRMetric(max_val=1.0, reduction="none"),
+            "ssim": SSIMMetric(spatial_dims=sd, data_range=1.0, reduction="none"),
+            "ms_ssim": MultiScaleSSIMMetric(
+                spatial_dims=sd, data_range=1.0, kernel_size=self.kernel, weights=self.weights, reduction="none"
+            ),
+        }
+
+    def _metric(self, metric: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One value per map: MONAI's metric, or for C-class maps SSIM / MS-SSIM channel by channel
+        (:mod:`scripts.channel_ssim`: the same figure, a dozen fewer volume-sized temporaries)."""
+        if metric != "psnr" and pred.shape[1] > 1:
+            if metric == "ssim":
+                return channel_ssim.ssim(pred, target, self.spatial_dims).view(-1)
+            return channel_ssim.ms_ssim(pred, target, self.spatial_dims, 1.0, self.kernel, self.weights).view(-1)
+        fn = self.metrics[metric]
+        values = fn(pred, target).view(-1)
+        fn.reset()
+        return values
+
+    def _compare(self, names: list[str], ref: torch.Tensor, other: torch.Tensor) -> None:
+        """Per-image metrics of a stack of a later run's maps against the reference's, into the current run."""
+        run = self._run
+        for kind, (a, b) in zip(KINDS, (self._seg(ref, other), (ref, other))):
+            run["identical"][kind] += int(sum(torch.equal(x, y) for x, y in zip(a, b)))
+            for metric in INSTANCE_METRICS:
+                values = self._metric(metric, b, a)
+                if metric == "psnr" and self.psnr_cap is not None:
+                    values = values.clamp(max=self.psnr_cap)
+                for name, v in zip(names, values.tolist()):
+                    run["values"].setdefault(name, {})[f"{metric}_{kind}"] = v
+            if self.lpips is not None:
+                run["lpips"][kind] += self._lpips(a, b)
+
     def _lpips(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Sum over the batch of LPIPS(a, b); (B, 1, H, W) maps in [0, 1] as 3 channels; volumes slice by slice
-        along the last axis (a volume's value: the mean over its slices)."""
-        depth = 1
-        if a.ndim == 5:
-            depth = a.shape[-1]
-            a, b = (x.permute(0, 4, 1, 2, 3).reshape(-1, *x.shape[1:4]) for x in (a, b))
+        """Sum over the batch of LPIPS(a, b); (B, C, H, W) maps in [0, 1], each channel as 3 channels (an image's
+        value: the mean over its C channels); volumes slice by slice along the last axis (the mean over its slices).
+        At most ``LPIPS_IMAGES`` 2D images per forward pass (the network's activations of a whole volume's slices
+        and channels at once would be tens of volumes)."""
+        depth, channels = (a.shape[-1] if a.ndim == 5 else 1), a.shape[1]
+        step = max(1, LPIPS_IMAGES // channels)
+        if a.ndim == 5:  # (B, C, H, W, D) -> k slices of every case: (B * k * C, 1, H, W)
+            parts = [
+                [x[..., k : k + step].permute(0, 4, 1, 2, 3).reshape(-1, 1, *x.shape[2:4]) for x in (a, b)]
+                for k in range(0, depth, step)
+            ]
+        else:
+            parts = [[x[i : i + step].reshape(-1, 1, *x.shape[2:]) for x in (a, b)] for i in range(0, len(a), step)]
+        total = 0.0
         with torch.no_grad():  # normalize=True: the package maps [0, 1] to its [-1, 1] input
-            d = self.lpips(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1), normalize=True)
-        return float(d.sum()) / depth
+            for x, y in parts:
+                total += float(self.lpips(x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1), normalize=True).sum())
+        return total / depth / channels
 
     def _seg(self, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if maps[0].shape[1] > 1:  # class probabilities (B, C, ...): the one-hot argmax
+            c = maps[0].shape[1]
+            return tuple(torch.nn.functional.one_hot(m.argmax(1), c).movedim(-1, 1).float() for m in maps)
         return tuple((m > self.threshold).float() for m in maps)
 
     def per_image(self) -> list[dict]:
@@ -229,6 +332,15 @@ class StabilityEvaluation:
     Writes ``<output_dir>/stability.csv`` (the table row), ``stability.json`` (mean, std, n of each column and
     the notes) and ``stability_per_image.csv``, atomically, and prints the table. The evaluator's
     ``pred`` must be the probability map at the network's resolution (no post-processing).
+
+    Memory: each iteration's maps go to the accumulator (:class:`~scripts.handlers.OutputFeed`) and are dropped; the
+    first run's maps wait on disk in ``<output_dir>/stability_reference.tmp/`` (float32 ``.npy``, one per case),
+    which is deleted when the runs end, also when they fail (and cleared at start, after a killed run).
+
+    ``seed_dice`` (:class:`~scripts.seed_dice.SeedDice`, optional): when the cases carry labels, each run's
+    evaluation goes to ``<output_dir>/seeds/seed<S>/`` and the Dice per seed and its spread to
+    ``stability_seeds.csv`` (one row per seed, then ``spread``, ``mean``, ``std``) and ``stability.json``'s
+    ``seeds`` (``per_seed``, ``spread``, ``key``: ``organ_mean_dice`` multi-class, ``dice`` binary).
     """
 
     def __init__(
@@ -243,6 +355,7 @@ class StabilityEvaluation:
         lpips_net: str | None = "alex",
         lpips_pnet_rand: bool = False,
         threshold: float = 0.5,
+        seed_dice: SeedDice | None = None,
     ):
         if num_runs < 2:
             raise ValueError(f"stability needs num_runs >= 2, got {num_runs}")
@@ -251,24 +364,61 @@ class StabilityEvaluation:
         self.accumulator_args = dict(
             psnr_cap=psnr_cap, lpips_net=lpips_net, lpips_pnet_rand=lpips_pnet_rand, threshold=threshold
         )
-        self.collector = OutputCollector("pred")
-        self.collector.attach(evaluator)
+        self.feed = OutputFeed("pred")
+        self.feed.attach(evaluator)
+        self.seed_dice = seed_dice
+        if seed_dice is not None:
+            seed_dice.attach(evaluator)
 
     def run(self) -> dict:
-        acc = StabilityAccumulator(**self.accumulator_args)
+        acc = StabilityAccumulator(**self.accumulator_args, scratch_dir=self.output_dir / SCRATCH)
         configured = configured_sampler(self.evaluator.inferer)
-        for m in range(self.num_runs):
-            run_with_inferer(self.evaluator, configured.variant(self.num_steps, self.num_samples, self.seed + m))
-            acc.add(self.collector.outputs)
+        summaries = []
+        self.feed.sink = acc.add_items
+        try:
+            for m in range(self.num_runs):
+                if self.seed_dice is not None:
+                    self.seed_dice.set_output_dir(self.output_dir / "seeds" / f"seed{self.seed + m}")
+                acc.start_run()
+                run_with_inferer(self.evaluator, configured.variant(self.num_steps, self.num_samples, self.seed + m))
+                acc.end_run()
+                if self.seed_dice is not None and self.seed_dice.summary is not None:
+                    summaries.append((self.seed + m, self.seed_dice.summary))
+        finally:
+            self.feed.sink = None
+            acc.close()
         result = acc.result(method=f"SDSeg {self.num_steps}x{self.num_samples}")
+        if summaries:
+            result["seeds"] = self._seeds(summaries)
         atomic_write_csv(self.output_dir / "stability.csv", [result["table"]])
         atomic_write_csv(self.output_dir / "stability_per_image.csv", result["per_image"])
         atomic_write_json(
-            self.output_dir / "stability.json", json_safe({k: result[k] for k in ("table", "summary", "notes")})
+            self.output_dir / "stability.json",
+            json_safe({k: result[k] for k in ("table", "summary", "notes", "seeds") if k in result}),
         )
         text = format_table([result["table"]], list(result["table"]))
         notes = "\n".join(f"  {k}: {v}" for k, v in result["notes"].items())
         seeds = f"seeds {self.seed}..{self.seed + self.num_runs - 1}"
         print(f"stability over {self.num_runs} runs ({seeds}):\n{text}\n{notes}")
+        if "seeds" in result:
+            self._print_seeds(result["seeds"])
         logger.info(f"stability -> {self.output_dir / 'stability.json'}")
         return result
+
+    def _seeds(self, summaries: list[tuple[int, dict]]) -> dict:
+        """Dice per seed and its spread; ``stability_seeds.csv``: the seeds' rows, then spread, mean and std."""
+        sd = self.seed_dice
+        rows = seed_rows(summaries, sd.class_names, sd.multiclass)
+        spread = seed_spread(rows)
+        stats = [{"seed": stat, **{c: v[stat] for c, v in spread.items()}} for stat in ("spread", "mean", "std")]
+        per_seed = [{k: v for k, v in r.items() if k != "n"} for r in rows]
+        atomic_write_csv(self.output_dir / "stability_seeds.csv", per_seed + stats)
+        return {"key": "organ_mean_dice" if sd.multiclass else "dice", "per_seed": rows, "spread": spread}
+
+    @staticmethod
+    def _print_seeds(seeds: dict) -> None:
+        key, spread = seeds["key"], seeds["spread"]
+        columns = ["seed", key, *(c for c in spread if c.startswith("dice_"))]
+        rows = seeds["per_seed"] + [{"seed": "spread", **{c: v["spread"] for c, v in spread.items()}}]
+        print(f"Dice per seed ({key}; spread = max - min over the seeds):\n" + format_table(rows, columns))
+        print(f"seed spread of {key}: {spread[key]['spread']:.4f} (std {spread[key]['std']:.4f})")

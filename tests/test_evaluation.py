@@ -190,6 +190,280 @@ def test_volumes_of_different_sizes_and_wrapped_inferers():
     assert evaluator.inferer is wrapper and wrapper.inferer.seed == 0
 
 
+# ---- stability: streamed against the reference on disk, not runs in RAM ----------------------------------------
+def direct_stability(runs, lpips_model=None, cap=100.0, threshold=0.5):
+    """The figures computed at once on whole stacks of every run's maps (all in memory, names sorted): per-image
+    PSNR / SSIM / MS-SSIM averaged over the runs after the first, LPIPS as a mean over images, then over runs."""
+    from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+
+    ref, names = runs[0], sorted(runs[0])
+    sd = ref[names[0]].ndim - 1
+    kernel, weights, _ = ms_ssim_settings(min(min(v.shape[1:]) for v in ref.values()))
+
+    def seg(x):
+        if x.shape[1] > 1:
+            return F.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).float()
+        return (x > threshold).float()
+
+    def lpips_mean(a, b):  # per image: the mean over its channels (and slices) of LPIPS on 3-channel copies
+        values = []
+        for x, y in zip(a, b):
+            pairs = [(x[c], y[c]) for c in range(x.shape[0])]
+            if sd == 3:
+                pairs = [(p[..., k], q[..., k]) for p, q in pairs for k in range(p.shape[-1])]
+            d = [
+                float(lpips_model(p.expand(1, 3, *p.shape), q.expand(1, 3, *q.shape), normalize=True)) for p, q in pairs
+            ]
+            values.append(sum(d) / len(d))
+        return sum(values) / len(values)
+
+    metrics = {
+        "psnr": PSNRMetric(max_val=1.0, reduction="none"),
+        "ssim": SSIMMetric(spatial_dims=sd, data_range=1.0, reduction="none"),
+        "ms_ssim": MultiScaleSSIMMetric(
+            spatial_dims=sd, data_range=1.0, kernel_size=kernel, weights=weights, reduction="none"
+        ),
+    }
+    sums = {n: {} for n in names}
+    lpips_runs = {"seg": [], "score": []}
+    by_shape = {}
+    for n in names:
+        by_shape.setdefault(tuple(ref[n].shape), []).append(n)
+    for run in runs[1:]:
+        lp = {"seg": 0.0, "score": 0.0}
+        for group in by_shape.values():
+            a, b = torch.stack([ref[n] for n in group]), torch.stack([run[n] for n in group])
+            for kind, (x, y) in (("seg", (seg(a), seg(b))), ("score", (a, b))):
+                for m, fn in metrics.items():
+                    values = fn(y, x).view(-1)
+                    fn.reset()
+                    values = values.clamp(max=cap) if m == "psnr" else values
+                    for n, v in zip(group, values.tolist()):
+                        sums[n][f"{m}_{kind}"] = sums[n].get(f"{m}_{kind}", 0.0) + v
+                if lpips_model is not None:
+                    lp[kind] += lpips_mean(x, y) * len(group) / len(names)
+        for kind in lp:
+            lpips_runs[kind].append(lp[kind])
+    rows = {n: {k: v / (len(runs) - 1) for k, v in sums[n].items()} for n in names}
+    return rows, {k: sum(v) / len(v) for k, v in lpips_runs.items()} if lpips_model is not None else None
+
+
+def assert_same_figures(rows, lpips, acc_rows, acc_lpips_runs):
+    got = {r["name"]: r for r in acc_rows}
+    assert sorted(got) == sorted(rows)
+    for n, row in rows.items():
+        for k, v in row.items():
+            assert got[n][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (n, k)
+    if lpips is not None:
+        for kind, v in lpips.items():
+            runs = acc_lpips_runs[kind]
+            assert sum(runs) / len(runs) == pytest.approx(v, rel=1e-6, abs=1e-9), kind
+
+
+def test_streamed_2d_binary_run_equals_the_all_in_memory_computation(tmp_path, monkeypatch):
+    """The bundle's path (each batch compared as it is produced, the reference read back from disk) gives the figures
+    computed on whole stacks of every run's maps held in memory (captured here beside the run)."""
+    import scripts.stability as stability
+
+    lpips_model, _ = load_lpips("alex", pnet_rand=True)
+    monkeypatch.setattr(stability, "load_lpips", lambda net, rand: (lpips_model, "test backbone"))
+    items = named_images([f"case{i}" for i in range(7)])
+    evaluator = stub_evaluator(items, gain=0.3)
+    ev = StabilityEvaluation(evaluator, str(tmp_path), num_runs=3, lpips_net="alex")
+    collector, runs = OutputCollector(), []
+    collector.attach(evaluator)
+    evaluator.add_event_handler(Events.COMPLETED, lambda e: runs.append(dict(collector.outputs)))
+    result = ev.run()
+    assert len(runs) == 3 and result["table"]["ssim_score"] < 1
+    rows, lpips = direct_stability(runs, lpips_model)
+    got = {r["name"]: r for r in result["per_image"]}
+    for n, row in rows.items():
+        assert {k: got[n][k] for k in row} == pytest.approx(row, rel=1e-6, abs=1e-7), n
+    assert result["table"]["lpips_score"] == pytest.approx(lpips["score"], rel=1e-6)
+    assert result["table"]["lpips_seg"] == pytest.approx(lpips["seg"], rel=1e-6)
+
+
+def test_streamed_multiclass_3d_items_equal_the_all_in_memory_computation():
+    """C = 4 class-probability volumes of two depths, fed one case at a time in a shuffled order: the same figures as
+    whole stacks in memory, and as whole runs through ``add`` (chunked stacks)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "a": (4, 32, 32, 16),
+        "b": (4, 32, 32, 12),
+        "c": (4, 32, 32, 16),
+        "d": (4, 32, 32, 12),
+        "e": (4, 32, 32, 16),
+    }
+    ref = {n: torch.softmax(3 * torch.rand(s, generator=g), 0) for n, s in shapes.items()}
+    runs = [ref] + [
+        {n: torch.softmax(torch.log(v) + torch.rand(v.shape, generator=g), 0) for n, v in ref.items()} for _ in range(2)
+    ]
+    lpips_model, _ = load_lpips("alex", pnet_rand=True)
+    rows, lpips = direct_stability(runs, lpips_model)
+    streamed = StabilityAccumulator(lpips_net="none")
+    streamed.lpips = lpips_model
+    whole = StabilityAccumulator(lpips_net="none", chunk=2)
+    whole.lpips = lpips_model
+    for run in runs:
+        streamed.start_run()
+        for n in np.random.default_rng(len(streamed.sums)).permutation(sorted(run)):
+            streamed.add_items({n: run[n]})
+        streamed.end_run()
+        whole.add(run)
+    for acc in (streamed, whole):
+        assert_same_figures(rows, lpips, acc.per_image(), acc.lpips_runs)
+        assert acc.spatial_dims == 3 and acc.result()["notes"]["runs"] == 3
+    streamed.close(), whole.close()
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 48, 40), (1, 6, 32, 32, 20)])
+def test_channel_by_channel_ssim_equals_monai(shape):
+    """C-class maps: SSIM and MS-SSIM computed one channel at a time are MONAI's figures on the whole map."""
+    from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
+
+    from scripts import channel_ssim
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.softmax(3 * torch.rand(shape, generator=g), 1)
+    b = torch.softmax(torch.log(a) + torch.rand(shape, generator=g), 1)
+    sd = len(shape) - 2
+    kernel, weights, _ = ms_ssim_settings(min(shape[2:]))
+    expected = SSIMMetric(spatial_dims=sd, data_range=1.0, reduction="none")(b, a)
+    assert channel_ssim.ssim(b, a, sd).shape == expected.shape
+    torch.testing.assert_close(channel_ssim.ssim(b, a, sd), expected, rtol=1e-5, atol=1e-7)
+    monai_ms = MultiScaleSSIMMetric(
+        spatial_dims=sd, data_range=1.0, kernel_size=kernel, weights=weights, reduction="none"
+    )(b, a)
+    torch.testing.assert_close(channel_ssim.ms_ssim(b, a, sd, 1.0, kernel, weights), monai_ms, rtol=1e-5, atol=1e-7)
+
+
+def tensors_held(obj, seen=None):
+    """Every tensor reachable from ``obj`` through attributes, containers and bound methods (modules, engines and
+    the evaluator left out: they hold weights and the batch being processed)."""
+    seen = set() if seen is None else seen
+    if (
+        id(obj) in seen
+        or isinstance(obj, (nn.Module, SupervisedEvaluator, type))
+        or callable(obj)
+        and not hasattr(obj, "__self__")
+        and not hasattr(obj, "__dict__")
+    ):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    elif hasattr(obj, "__self__"):
+        children = [obj.__self__]
+    elif hasattr(obj, "__dict__"):
+        children = [v for k, v in vars(obj).items() if k != "evaluator"]
+    else:
+        return []
+    return [t for c in children for t in tensors_held(c, seen)]
+
+
+def test_stability_run_holds_no_maps_in_ram_and_the_reference_on_disk(tmp_path):
+    """After every batch of every run the stability evaluation (its accumulator included) holds no prediction map:
+    the later runs' maps are compared and dropped, the first run's are ``.npy`` files in the scratch folder."""
+    names = [f"case{i}" for i in range(7)]
+    evaluator = stub_evaluator(named_images(names), gain=0.3)
+    ev = StabilityEvaluation(evaluator, str(tmp_path), num_runs=3, lpips_net="none")
+    scratch, checks = tmp_path / "stability_reference.tmp", []
+
+    def check(engine):
+        acc = getattr(getattr(getattr(ev, "feed", None), "sink", None), "__self__", None)
+        big = [tuple(t.shape) for t in tensors_held(ev) if t.numel() >= 64 * 64]
+        files = len(list(scratch.glob("*.npy")))
+        in_ram = isinstance(getattr(acc, "reference", {}), dict)
+        checks.append((len(checks) // 3, engine.state.iteration, big, files, in_ram))
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, check)
+    ev.run()
+    assert [(c[0], c[1]) for c in checks] == [(r, i) for r in range(3) for i in (1, 2, 3)]
+    assert all(c[2] == [] for c in checks), checks  # no (1, 64, 64) map anywhere
+    assert [c[3] for c in checks] == [3, 6, 7] + [7] * 6  # the reference goes to disk as it comes, then stays there
+    assert not any(c[4] for c in checks)
+
+
+def test_stability_scratch_is_removed_after_a_run_a_failure_and_a_killed_run(tmp_path):
+    names = [f"case{i}" for i in range(4)]
+    items = named_images(names)
+    clean = StabilityEvaluation(stub_evaluator(items, gain=0.3), str(tmp_path / "clean"), num_runs=3, lpips_net="none")
+    expected = clean.run()
+    assert not (tmp_path / "clean" / "stability_reference.tmp").exists()
+    # a run that fails in its second seed: the exception comes through, the scratch goes
+    evaluator = stub_evaluator(items, gain=0.3)
+    ev = StabilityEvaluation(evaluator, str(tmp_path / "out"), num_runs=3, lpips_net="none")
+    calls = []
+
+    def fail(engine):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed in run 2")
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, fail)
+    with pytest.raises(RuntimeError, match="killed in run 2"):
+        ev.run()
+    assert not (tmp_path / "out" / "stability_reference.tmp").exists()
+    # a killed run's leftovers (a reference file of another size, a half-written one) do not enter the next run
+    scratch = tmp_path / "out" / "stability_reference.tmp"
+    scratch.mkdir(parents=True)
+    np.save(scratch / "000000.npy", np.zeros((1, 8, 8), np.float32))
+    (scratch / "000003.npy").write_bytes(b"\x93NUMPY half")
+    ev = StabilityEvaluation(stub_evaluator(items, gain=0.3), str(tmp_path / "out"), num_runs=3, lpips_net="none")
+    result = ev.run()
+    assert result["per_image"] == expected["per_image"] and result["table"] == pytest.approx(
+        expected["table"], nan_ok=True
+    )
+    assert not scratch.exists()
+
+
+def test_reference_store_round_trip_and_errors(tmp_path):
+    from scripts.reference_store import ReferenceStore
+
+    store = ReferenceStore(tmp_path / "ref")
+    x = torch.rand(3, 5, 6, 2)
+    store.put("a b/c.nii.gz", MetaTensor(x))
+    assert torch.equal(store.get("a b/c.nii.gz"), x) and store.shapes == {"a b/c.nii.gz": (3, 5, 6, 2)}
+    assert store.nbytes() >= x.numel() * 4 and "a b/c.nii.gz" in store and len(store) == 1
+    with pytest.raises(ValueError, match="two inputs named a b/c.nii.gz"):
+        store.put("a b/c.nii.gz", x)
+    (tmp_path / "ref" / "notes.txt").write_text("not ours")
+    store.remove()  # the store's files go; a foreign file keeps the folder
+    assert [p.name for p in (tmp_path / "ref").iterdir()] == ["notes.txt"]
+    temporary = ReferenceStore()
+    temporary.put("x", x)
+    folder = temporary.directory
+    assert folder.is_dir()
+    temporary.remove()
+    assert not folder.exists()
+
+
+def test_streamed_run_errors_name_the_images():
+    g = torch.Generator().manual_seed(0)
+    ref = {n: torch.rand((1, 16, 16), generator=g) for n in ("a", "b", "c")}
+    acc = StabilityAccumulator(lpips_net="none")
+    acc.add(ref)
+    acc.start_run()
+    acc.add_items({"a": ref["a"], "x": ref["b"]})
+    with pytest.raises(ValueError, match="two inputs named a"):
+        acc.add_items({"a": ref["a"]})
+    with pytest.raises(
+        ValueError, match=r"run 2 does not cover the first run's images: missing \['b', 'c'\], extra \['x'\]"
+    ):
+        acc.end_run()
+    assert acc.num_runs == 1 and acc.sums == {}  # the failed run left nothing behind
+    acc.start_run()
+    with pytest.raises(ValueError, match=r"b: size \(1, 8, 8\) differs from the first run's \(1, 16, 16\)"):
+        acc.add_items({"b": torch.rand(1, 8, 8)})
+    acc.add({n: 1 - v for n, v in ref.items()})
+    assert acc.num_runs == 2 and len(acc.per_image()) == 3
+    acc.close()
+
+
 def test_sweep_and_stability_keep_the_configured_sampler(tmp_path):
     """Their runs change steps, samples and seed only: the evaluator's DDIM scheduler, averaging and fast path stay."""
     ddim = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
@@ -347,6 +621,7 @@ def test_stability_bundle_run(bundle_with_model, demo_root):
         *(f"{m}_{k}" for m in ("lpips", "psnr", "ssim", "ms_ssim") for k in ("seg", "score")),
     }
     assert "| method | lpips_seg |" in proc.stdout and "MS-SSIM on 64 px images" in proc.stdout
+    assert not (root / "eval" / "stability" / "stability_reference.tmp").exists()  # the reference's scratch is gone
 
 
 def test_reverse_sweep_reports_one_row_per_setting(bundle_with_model, demo_root):

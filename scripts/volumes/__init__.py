@@ -12,8 +12,8 @@ ids as in the authors' code, STS-3D by ``configs/sts3d_split.json``; the validat
 ``val_fraction`` (rounded up) of the sorted training names.
 
 Flow: files -> :func:`volume_transforms` (load, check, orient to RAS so axial slices are the last axis,
-window, scale to [-1, 1], binary foreground, resize in-plane, repeat to 3 channels) -> training: the
-:class:`VolumeCacheDataset` keeps each preprocessed volume once on disk as ``npy`` (memory-mapped, read slice
+window, scale to [-1, 1], binary foreground or --classes indices, resize in-plane, repeat to 3 channels) -> training:
+the :class:`VolumeCacheDataset` keeps each preprocessed volume once on disk as ``npy`` (memory-mapped, read slice
 by slice); inference: :class:`VolumeInferer` runs a 2D inferer on batches of axial slices and restacks them,
 MONAI's ``Invertd`` maps the result back onto the input grid and :class:`SaveVolumed` writes it.
 ``python -m scripts.tools.benchmark_volumes`` measures its throughput against the bare networks.

@@ -1,4 +1,4 @@
-"""The volume transform chain: files -> image (3, S, S, D) in [-1, 1] and binary label, with voxel checks."""
+"""The volume transform chain: files -> image (3, S, S, D) in [-1, 1] and label (binary or class indices), checked."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def volume_transforms(
     dataset: str,
     hu_window: tuple[float, float],
     image_size: int,
-    foreground: str = "all13",
+    foreground: str | None = None,
     resample_label: bool = True,
     classes: str = "binary",
 ) -> Compose:
@@ -109,11 +109,20 @@ def volume_transforms(
     a multi-class ``classes`` (:class:`ClassIndexd`). ``resample_label=False`` keeps the label on its own grid
     (for metrics at the original resolution). ``Invertd`` with this chain maps predictions back onto the input.
 
+    ``foreground`` (``--foreground``) is the binary rule: ``None`` means ``all13`` (the paper); a multi-class
+    ``classes`` segments every organ of its set itself, so giving it a ``foreground`` too is an error.
+
     The returned ``Compose`` has a ``signature`` (its arguments) that keys the slice cache.
     """
     geometric = ["image", "label"] if resample_label else ["image"]
     class_set = get_class_set(classes)
     class_set.check_dataset(dataset)
+    if foreground is not None and not class_set.binary:
+        raise ValueError(
+            f"--foreground {foreground} is the binary foreground; --classes {class_set.name} segments each of its "
+            f"classes ({', '.join(class_set.organs[:3])}, ...) itself: drop --foreground (or use --classes binary)"
+        )
+    foreground = "all13" if foreground is None else foreground
     if class_set.binary:
         target = Foregroundd("label", dataset, foreground, allow_missing_keys=True)
     else:
