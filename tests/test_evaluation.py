@@ -25,7 +25,8 @@ from scripts.evaluation import ReverseSweep, configured_sampler, run_with_infere
 from scripts.figures import case_grid
 from scripts.handlers import OutputCollector
 from scripts.sampler import SDSegInferer
-from scripts.stability import StabilityAccumulator, StabilityEvaluation, load_lpips, ms_ssim_settings
+from scripts.stability import StabilityEvaluation
+from scripts.stability_metrics import StabilityAccumulator, load_lpips, ms_ssim_settings
 from scripts.tools.figures import training_curves
 
 ABLATIONS = {  # overlay -> (fusion, trainable encoder, lambda), paper Table 6 rows
@@ -263,10 +264,10 @@ def assert_same_figures(rows, lpips, acc_rows, acc_lpips_runs):
 def test_streamed_2d_binary_run_equals_the_all_in_memory_computation(tmp_path, monkeypatch):
     """The bundle's path (each batch compared as it is produced, the reference read back from disk) gives the figures
     computed on whole stacks of every run's maps held in memory (captured here beside the run)."""
-    import scripts.stability as stability
+    import scripts.stability_metrics as stability_metrics
 
     lpips_model, _ = load_lpips("alex", pnet_rand=True)
-    monkeypatch.setattr(stability, "load_lpips", lambda net, rand: (lpips_model, "test backbone"))
+    monkeypatch.setattr(stability_metrics, "load_lpips", lambda net, rand: (lpips_model, "test backbone"))
     items = named_images([f"case{i}" for i in range(7)])
     evaluator = stub_evaluator(items, gain=0.3)
     ev = StabilityEvaluation(evaluator, str(tmp_path), num_runs=3, lpips_net="alex")
