@@ -103,18 +103,20 @@ class ClassSet:
                 "(use --classes binary)"
             )
 
-    def to_index(self, label: torch.Tensor, where: str = "<label>") -> torch.Tensor:
-        """Mask label values (:attr:`mask_values` or :attr:`values`) -> class indices (float, same shape); a value
+    def to_index(self, label: torch.Tensor, where: str = "<label>", label_values: bool = False) -> torch.Tensor:
+        """Mask values (the dataset's :attr:`mask_values`, or :attr:`values`; ``label_values=True``: always
+        :attr:`values`, the label maps the bundle and MONAI Label write) -> class indices (float, same shape); a value
         outside the set fails naming ``where``."""
         y = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
-        read = self.mask_values or self.values
+        read = self.values if label_values else (self.mask_values or self.values)
+        hint = "" if label_values else self.mask_hint
         known = torch.tensor(read + self.background_values, dtype=y.dtype)
         values = torch.unique(y)
         bad = values[~torch.isin(values, known)]
         if bad.numel():
             raise DatasetError(
                 f"{where}: label value(s) {bad[:5].tolist()} are not in --classes {self.name} "
-                f"(allowed: {sorted(read + self.background_values)}){'; ' + self.mask_hint if self.mask_hint else ''}"
+                f"(allowed: {sorted(read + self.background_values)}){'; ' + hint if hint else ''}"
             )
         lut = torch.zeros(int(max(known.max().item(), 0)) + 1, dtype=torch.float32)
         for i, v in enumerate(read):
@@ -153,8 +155,9 @@ CLASS_SETS = {
         (0, 1, 2),
         ("refuge2",),
         mask_values=(255, 128, 0),
-        mask_hint="REFUGE2 gray disc maps: 255 background, 128 optic disc, 0 optic cup (0/1/2 index maps are refused: "
-        "0 would be cup or background)",
+        mask_hint="REFUGE2 gray disc maps: 255 background, 128 optic disc, 0 optic cup (0 would be cup in a released "
+        "map, background in a 0/1/2 label map: masks that are 0/1/2 label maps, as MONAI Label saves them, need "
+        "--masks_hold_label_values True)",
     ),
 }
 

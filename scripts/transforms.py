@@ -58,18 +58,32 @@ class MaskToTargetd(MapTransform):
     dataset's rule, :func:`scripts.data.mask_to_target`) or, for a multi-class ``classes`` (REFUGE2 ``disc_cup``), the
     class indices 0..C-1 (float, (1, H, W)) of a gray mask's values (:meth:`scripts.classes.ClassSet.to_index`).
 
-    Multi-class masks must be gray (equal channels) and hold only the class set's mask values; anything else fails
-    naming the file, the value(s) and the ``--classes`` in force. A class set meant for another dataset fails here,
-    when the transform is built (before any training).
+    Multi-class masks must be gray (equal channels) and hold only the class set's mask values (``label_values=True``:
+    its label values, e.g. 0/1/2 for ``disc_cup``, as the bundle's and MONAI Label's label maps hold them; binary
+    ignores it); anything else fails naming the file, the value(s) and the ``--classes`` in force. A class set meant
+    for another dataset fails here, when the transform is built (before any training).
     """
 
-    def __init__(self, keys: KeysCollection, dataset: str, allow_missing_keys: bool = False, classes: str = "binary"):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        dataset: str,
+        allow_missing_keys: bool = False,
+        classes: str = "binary",
+        label_values: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
+        self.label_values = bool(label_values)
         if dataset not in LAYOUTS:
             raise DatasetError(f"unknown 2D dataset {dataset!r}; choose one of {sorted(LAYOUTS)}")
         self.class_set = get_class_set(classes)
         self.class_set.check_dataset(dataset)
         self.rule = LAYOUTS[dataset][2]
+
+    @property
+    def mask_values(self) -> tuple[int, ...]:
+        cs = self.class_set
+        return cs.values if self.label_values else (cs.mask_values or cs.values)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -82,9 +96,9 @@ class MaskToTargetd(MapTransform):
             if mask.shape[0] > 1 and bool((mask[1:] != mask[:1]).any()):
                 raise DatasetError(
                     f"{where}: a colour (RGB) mask; --classes {self.class_set.name} reads gray masks with the values "
-                    f"{list(self.class_set.mask_values or self.class_set.values)} for {', '.join(self.class_set.names)}"
+                    f"{list(self.mask_values)} for {', '.join(self.class_set.names)}"
                 )
-            index = self.class_set.to_index(mask[:1], where)
+            index = self.class_set.to_index(mask[:1], where, self.label_values)
             d[key] = convert_to_dst_type(index, mask[:1], dtype=torch.float32)[0]  # a MetaTensor keeps its meta
         return d
 

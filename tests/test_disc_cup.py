@@ -53,6 +53,30 @@ def test_bad_mask_values_fail_naming_file_value_and_classes(mask, message):
         MaskToTargetd("label", "refuge2", classes="disc_cup")({"label": _mask(mask)})
 
 
+def test_label_maps_as_monai_label_saves_them_are_read_with_masks_hold_label_values():
+    """MONAI Label's datastore holds 0/1/2 label maps: refused by default (the error says which switch reads them),
+    read as background / disc / cup with ``--masks_hold_label_values True``, which then refuses the gray levels."""
+    labels = [[0, 1, 2], [2, 1, 0]]
+    with pytest.raises(DatasetError, match=r"\[1.0, 2.0\] are not in .*--masks_hold_label_values True"):
+        MaskToTargetd("label", "refuge2", classes="disc_cup")({"label": _mask(labels)})
+    read = MaskToTargetd("label", "refuge2", classes="disc_cup", label_values=True)
+    assert read({"label": _mask(labels)})["label"].tolist() == [labels]
+    with pytest.raises(
+        DatasetError,
+        match=r"label value\(s\) \[128.0, 255.0\] are not in --classes disc_cup " r"\(allowed: \[0, 1, 2\]\)$",
+    ):
+        read({"label": _mask([[255, 128, 0]])})
+    binary = MaskToTargetd("label", "refuge2", label_values=True)({"label": _mask([[255, 128, 0]])})["label"]
+    assert binary.tolist() == [[[0, 0, 1]]]  # binary ignores it (the dataset's own rule)
+    for config in (["train.yaml"], ["inference.yaml", "evaluate.yaml"]):  # the key reaches the transform
+        parser = parse_configs(
+            [*config, "tiny.yaml"], classes="disc_cup", dataset="refuge2", masks_hold_label_values=True
+        )
+        key = "train#load_transforms" if config == ["train.yaml"] else "load_transforms"
+        found = [t for t in parser.get_parsed_content(key) if isinstance(t, MaskToTargetd)]
+        assert found and all(t.label_values for t in found), config
+
+
 def test_colour_mask_and_other_dataset_are_refused():
     rgb = _mask([[255, 128, 0]])
     rgb[1, 0, 0] = 0
