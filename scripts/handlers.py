@@ -4,7 +4,6 @@
   each decollated case of each iteration (:meth:`~CaseHandler.add`) and its end (:meth:`~CaseHandler.completed`).
 * :class:`SegmentationReport`: per-case Dice / IoU (/ HD95) -> ``metrics.csv`` and ``summary.json``.
 * :class:`CaseFigures`: the first cases as a picture grid -> ``cases.png``.
-* :class:`OutputCollector`: ``{file name: output}`` of the latest run (paired by name).
 * :class:`OutputFeed`: each iteration's ``{file name: output}`` handed on and dropped (stability, paired by name).
 * :class:`ProgressBar`, :class:`AtomicCheckpointSaver`, :class:`EMAFromNetwork`, :func:`lr_schedule`: for the trainer.
 """
@@ -34,7 +33,6 @@ __all__ = [
     "CaseHandler",
     "SegmentationReport",
     "CaseFigures",
-    "OutputCollector",
     "OutputFeed",
     "ProgressBar",
     "AtomicCheckpointSaver",
@@ -179,27 +177,10 @@ class CaseFigures(CaseHandler):
             atomic_save_image(self.output_dir / "cases.png", case_grid(self.cases, self.height))
 
 
-class OutputCollector(CaseHandler):
-    """``outputs = {image file name: output[key] on the CPU}`` of the latest run."""
-
-    def __init__(self, key: str = "pred", name_key: str = "image"):
-        self.key, self.name_key = key, name_key
-        self.outputs: dict[str, torch.Tensor] = {}
-
-    def reset(self) -> None:
-        self.outputs.clear()
-
-    def add(self, item: Mapping) -> None:
-        name = case_name(item, self.name_key)
-        if name in self.outputs:
-            raise ValueError(f"two inputs named {name}: runs are paired by file name, names must be unique")
-        self.outputs[name] = torch.as_tensor(item[self.key]).detach().float().cpu()
-
-
 class OutputFeed(CaseHandler):
     """Hands each iteration's ``{image file name: output[key] on the CPU}`` to ``sink`` (a callable; ``None``: nothing
-    is done) and keeps nothing: :class:`OutputCollector` without holding the run (the stability run compares each
-    map with its reference as soon as it is produced)."""
+    is done) and keeps nothing (the stability run compares each map with its reference as soon as it is produced;
+    ``sink=outputs.update`` collects a run)."""
 
     def __init__(self, key: str = "pred", name_key: str = "image", sink=None):
         self.key, self.name_key, self.sink = key, name_key, sink

@@ -23,7 +23,7 @@ from torch import nn
 
 from scripts.evaluation import ReverseSweep, configured_sampler, run_with_inferer
 from scripts.figures import case_grid
-from scripts.handlers import OutputCollector
+from scripts.handlers import OutputFeed
 from scripts.sampler import SDSegInferer
 from scripts.stability import StabilityEvaluation
 from scripts.stability_metrics import StabilityAccumulator, load_lpips, ms_ssim_settings
@@ -152,10 +152,10 @@ def test_pairing_survives_shuffled_file_order():
     outputs = []
     for order in (items, items[::-1], [items[i] for i in (3, 0, 5, 1, 4, 2)]):
         evaluator = stub_evaluator(order)
-        collector = OutputCollector()
-        collector.attach(evaluator)
+        collected = {}
+        OutputFeed(sink=collected.update).attach(evaluator)
         run_with_inferer(evaluator, SDSegInferer(seed=3))
-        outputs.append(dict(collector.outputs))
+        outputs.append(collected)
     acc = StabilityAccumulator(lpips_net="none")
     for out in outputs:
         acc.add(out)
@@ -271,9 +271,9 @@ def test_streamed_2d_binary_run_equals_the_all_in_memory_computation(tmp_path, m
     items = named_images([f"case{i}" for i in range(7)])
     evaluator = stub_evaluator(items, gain=0.3)
     ev = StabilityEvaluation(evaluator, str(tmp_path), num_runs=3, lpips_net="alex")
-    collector, runs = OutputCollector(), []
-    collector.attach(evaluator)
-    evaluator.add_event_handler(Events.COMPLETED, lambda e: runs.append(dict(collector.outputs)))
+    collected, runs = {}, []
+    OutputFeed(sink=collected.update).attach(evaluator)
+    evaluator.add_event_handler(Events.COMPLETED, lambda e: (runs.append(dict(collected)), collected.clear()))
     result = ev.run()
     assert len(runs) == 3 and result["table"]["ssim_score"] < 1
     rows, lpips = direct_stability(runs, lpips_model)
