@@ -103,12 +103,17 @@ class ClassSet:
                 "(use --classes binary)"
             )
 
+    def mask_reads(self, label_values: bool = False) -> tuple[int, ...]:
+        """The mask value read as each class: the dataset's :attr:`mask_values` (or :attr:`values`);
+        ``label_values=True``: always :attr:`values`."""
+        return self.values if label_values else (self.mask_values or self.values)
+
     def to_index(self, label: torch.Tensor, where: str = "<label>", label_values: bool = False) -> torch.Tensor:
         """Mask values (the dataset's :attr:`mask_values`, or :attr:`values`; ``label_values=True``: always
         :attr:`values`, the label maps the bundle and MONAI Label write) -> class indices (float, same shape); a value
         outside the set fails naming ``where``."""
         y = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
-        read = self.values if label_values else (self.mask_values or self.values)
+        read = self.mask_reads(label_values)
         hint = "" if label_values else self.mask_hint
         known = torch.tensor(read + self.background_values, dtype=y.dtype)
         values = torch.unique(y)

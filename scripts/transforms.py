@@ -80,11 +80,6 @@ class MaskToTargetd(MapTransform):
         self.class_set.check_dataset(dataset)
         self.rule = LAYOUTS[dataset][2]
 
-    @property
-    def mask_values(self) -> tuple[int, ...]:
-        cs = self.class_set
-        return cs.values if self.label_values else (cs.mask_values or cs.values)
-
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
@@ -96,7 +91,7 @@ class MaskToTargetd(MapTransform):
             if mask.shape[0] > 1 and bool((mask[1:] != mask[:1]).any()):
                 raise DatasetError(
                     f"{where}: a colour (RGB) mask; --classes {self.class_set.name} reads gray masks with the values "
-                    f"{list(self.mask_values)} for {', '.join(self.class_set.names)}"
+                    f"{list(self.class_set.mask_reads(self.label_values))} for {', '.join(self.class_set.names)}"
                 )
             index = self.class_set.to_index(mask[:1], where, self.label_values)
             d[key] = convert_to_dst_type(index, mask[:1], dtype=torch.float32)[0]  # a MetaTensor keeps its meta
