@@ -20,7 +20,7 @@ from monai.networks.nets.autoencoderkl import Decoder, Encoder
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-__all__ = ["GroupNormSiLU", "kl_autoencoder", "is_ldm_layout"]
+__all__ = ["GroupNormSiLU", "kl_autoencoder", "is_ldm_layout", "nonlocal_attn_hint"]
 
 
 class GroupNormSiLU(nn.GroupNorm):
@@ -107,3 +107,21 @@ def kl_autoencoder(
 def is_ldm_layout(autoencoder: nn.Module) -> bool:
     """Whether ``autoencoder`` was built with ``layout="ldm"``."""
     return any(isinstance(m, GroupNormSiLU) for m in autoencoder.modules())
+
+
+def nonlocal_attn_hint(network_keys, file_keys, prefix: str = "") -> str | None:
+    """A line telling the user to set ``autoencoder_nonlocal_attn`` when the file's mask autoencoder (its keys under
+    ``prefix``) has the non-local attention blocks and the configured one does not, or the reverse; else None."""
+
+    def has_attn(keys) -> bool:
+        return any(k.startswith(prefix) and ".attn." in k for k in keys)
+
+    file_attn, net_attn = has_attn(file_keys), has_attn(network_keys)
+    if file_attn == net_attn:
+        return None
+    return (
+        f"The file's mask autoencoder was trained {'with' if file_attn else 'without'} its non-local attention blocks, "
+        f"the configured one {'has' if net_attn else 'has not'} them: set autoencoder_nonlocal_attn: {file_attn} (or "
+        f"--autoencoder_nonlocal_attn {file_attn}) as in training (default: true for binary, false for multi-class "
+        "--classes since 0.7.0)."
+    )

@@ -25,6 +25,7 @@ import yaml
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
+from scripts.autoencoder import nonlocal_attn_hint
 from scripts.bundle_config import CONFIGS
 from scripts.io_utils import atomic_path
 
@@ -177,6 +178,9 @@ def weights_mismatch(module: torch.nn.Module, state: dict, path: str | os.PathLi
     if not any(k.startswith("unet.") for k in state):
         kind = "a mask autoencoder file (autoencoder.pt)" if any(k.startswith("encoder.") for k in state) else None
         return head + f"\nIt is {kind or 'not an SDSeg model file'}: no U-Net weights in it."
+    attn = nonlocal_attn_hint(own, state, prefix="autoencoder.")
+    if attn:
+        return head + "\n" + attn
     file_sizes, net_sizes = _sizes_of(state), _sizes_of(own)
     if (
         file_sizes["unet_inputs"] != net_sizes["unet_inputs"]

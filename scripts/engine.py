@@ -1,9 +1,10 @@
 """Training iterations for MONAI's ``SupervisedTrainer`` (``iteration_update``).
 
 * :class:`SDSegTrainStep`: the SDSeg step: frozen-autoencoder mask latent, random t and noise,
-  U-Net on ``cat(z_t, z_c)``, ``L = L1(n~, n) + lambda * L1(z~0, z0)``.
+  U-Net on ``cat(z_t, z_c)``, ``L = L1(n~, n) + lambda * L1(z~0, z0)`` (multi-class: + a DiceCE of the decoded z~0
+  at t = T-1, ``mask_loss_weight``).
 * :class:`AutoencoderTrainStep`: the mask-autoencoder stage: ``L1(D(E(X)), X) + beta * KL`` (multi-class: + a
-  per-class soft Dice of the decoded probabilities, so small organs reconstruct).
+  per-class soft Dice and a cross-entropy of the decoded class logits, so small organs reconstruct).
 * :class:`ReconstructionInferer`: the autoencoder's reconstruction score map, for its validation.
 """
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss
 
 from scripts.mask_codec import BinaryCodec
 from scripts.networks import SDSeg
@@ -76,6 +77,10 @@ class SDSegTrainStep:
     twice in the batch, with two noise draws, and their two estimates must agree, so the single step depends less on
     the noise draw. At least one item is paired, and every paired item is at t = T-1 (with ``final_step_share`` 0,
     the first item of each batch is put there for it).
+
+    ``mask_loss_weight`` > 0 (multi-class codecs only) adds ``mask_loss_weight`` x MONAI's ``DiceCELoss`` of the
+    decoded class logits of z~0 (the frozen decoder, :meth:`codec.logits`) against the classes, on the items at
+    t = T-1: the mask the single step gives is then trained in mask space too, not only through L1 in latent space.
     """
 
     def __init__(
@@ -84,11 +89,14 @@ class SDSegTrainStep:
         final_step_share: float = 0.0,
         scale_masks: int = 64,
         consistency_weight: float = 0.0,
+        mask_loss_weight: float = 0.0,
     ):
         if not 0.0 <= final_step_share <= 1.0:
             raise ValueError(f"final_step_share must be in [0, 1], got {final_step_share}")
         self.loss_weight, self.final_step_share = float(loss_weight), float(final_step_share)
         self.scale_masks, self.consistency_weight = int(scale_masks), float(consistency_weight)
+        self.mask_loss_weight = float(mask_loss_weight)
+        self.mask_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True) if self.mask_loss_weight else None
 
     def timesteps(self, batch_size: int, num_train_timesteps: int, device) -> torch.Tensor:
         """t for one batch: uniform, with the first ``round(final_step_share * B)`` entries at T-1."""
@@ -121,6 +129,12 @@ class SDSegTrainStep:
         if m:
             losses["loss_consistency"] = F.l1_loss(z0_pred[:m], z0_pred[b:])
             losses["loss"] = losses["loss"] + self.consistency_weight * losses["loss_consistency"]
+        final = t == model.num_train_timesteps - 1
+        if self.mask_loss is not None and model.codec.multiclass and final.any():
+            with _autocast(engine):
+                decoded = model.autoencoder.decode(z0_pred[final] / model.scale_factor)
+            losses["loss_mask"] = self.mask_loss(model.codec.logits(decoded.float()), mask[final].round())
+            losses["loss"] = losses["loss"] + self.mask_loss_weight * losses["loss_mask"]
         _optimise(engine, losses["loss"])
         return _output(engine, {"image": image[:b], "label": mask[:b], **{k: v.detach() for k, v in losses.items()}})
 
@@ -159,15 +173,27 @@ class AutoencoderTrainStep:
     """``iteration_update`` for the mask autoencoder: ``L1(D(E(X)), X) + kl_weight * KL`` on masks, X the ``codec``'s
     encoding of the mask (:mod:`scripts.mask_codec`; default the paper's binary one).
 
-    Multi-class codecs add ``dice_weight`` times MONAI's soft ``DiceLoss`` of the decoded probabilities against the
-    classes, one Dice per class over the batch, background included: every organ weighs the same, whatever its size,
-    so small ones (adrenal glands, portal vein) are not traded for the L1 of the large ones. Binary: L1 + KL only.
+    Multi-class codecs add MONAI's ``DiceCELoss`` of the decoded class logits (:meth:`codec.logits`) against the
+    classes: ``dice_weight`` x soft Dice, one per class over the batch, background included (every organ weighs the
+    same, whatever its size), plus ``ce_weight`` x cross-entropy. The cross-entropy keeps a gradient on an organ the
+    decoder has not yet drawn: the softmax of the codec is saturated there (its temperature is small), and the Dice
+    alone then leaves small organs at 0. Binary: L1 + KL only.
     """
 
-    def __init__(self, kl_weight: float = 1e-6, codec: BinaryCodec | None = None, dice_weight: float = 1.0):
-        self.kl_weight, self.dice_weight = float(kl_weight), float(dice_weight)
+    def __init__(
+        self,
+        kl_weight: float = 1e-6,
+        codec: BinaryCodec | None = None,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+    ):
+        self.kl_weight, self.dice_weight, self.ce_weight = float(kl_weight), float(dice_weight), float(ce_weight)
         self.codec = BinaryCodec() if codec is None else codec
-        self.dice = DiceLoss(to_onehot_y=True, batch=True) if self.codec.multiclass and self.dice_weight else None
+        self.seg_loss = None
+        if self.codec.multiclass and (self.dice_weight or self.ce_weight):
+            self.seg_loss = DiceCELoss(
+                to_onehot_y=True, softmax=True, batch=True, lambda_dice=self.dice_weight, lambda_ce=self.ce_weight
+            )
 
     def __call__(self, engine, batchdata: dict) -> dict:
         mask = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[1]
@@ -180,10 +206,10 @@ class AutoencoderTrainStep:
             kl = kl.sum(dim=tuple(range(1, kl.dim()))).mean()
         loss = rec + self.kl_weight * kl
         out = {"label": mask, "loss_rec": rec.detach(), "loss_kl": kl.detach()}
-        if self.dice is not None:
-            dice = self.dice(self.codec.decode(recon.float()), mask.round())
-            loss = loss + self.dice_weight * dice
-            out["loss_dice"] = dice.detach()
+        if self.seg_loss is not None:
+            seg = self.seg_loss(self.codec.logits(recon.float()), mask.round())
+            loss = loss + seg
+            out["loss_seg"] = seg.detach()
         _optimise(engine, loss)
         return _output(engine, {**out, "loss": loss.detach()})
 

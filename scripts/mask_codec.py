@@ -3,10 +3,10 @@ probabilities. The one place that knows; the networks, the training steps, the i
 
 * :class:`BinaryCodec` (``--classes binary``, the paper): a 0/1 mask (B, 1, H, W) -> 3 equal channels in [-1, 1];
   decoded X -> score = channel mean of clamp((X + 1) / 2, 0, 1), (B, 1, H, W); mask = score > 0.5.
-* :class:`OneHotCodec` (``--mask_encoding onehot``, measured beside the colour codec, docs/README.md): class indices
+* :class:`OneHotCodec` (``--mask_encoding onehot``, the default, chosen beside the colour codec, docs/README.md): class indices
   (B, 1, H, W) -> C one-hot channels in [-1, 1] (background included; the bundle-trained autoencoder takes and
   returns C channels); decoded X -> probabilities softmax(X / 0.25) over the C channels.
-* :class:`ColourCodec` (``--mask_encoding colour``, the default; the "maskige" of GSS): each class a fixed RGB code in
+* :class:`ColourCodec` (``--mask_encoding colour``; the "maskige" of GSS): each class a fixed RGB code in
   [-1, 1]^3 (:data:`scripts.classes.PALETTE`), so a 3-channel autoencoder (the paper preset's pretrained kl-f8)
   serves C classes; decoded X -> probabilities softmax(-|X - code_c|^2 / 0.1) over the C codes.
 
@@ -109,6 +109,13 @@ class _MultiClassCodec(BinaryCodec):
     def label_values(self) -> tuple[int, ...]:
         return self.class_set.values
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded X (B, channels, H, W) -> class logits (B, C, H, W), whose softmax :meth:`decode` returns."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
+
     def onehot(self, mask: torch.Tensor) -> torch.Tensor:
         """Class indices (B, 1, H, W) -> one-hot (B, C, H, W) float."""
         return one_hot(mask.round().long(), self.class_set.num_classes, dtype=torch.float32, dim=1)
@@ -137,8 +144,8 @@ class OneHotCodec(_MultiClassCodec):
     def encode(self, mask: torch.Tensor) -> torch.Tensor:
         return self.onehot(mask) * 2 - 1
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(x.float() / self.temperature, dim=1)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / self.temperature
 
 
 class ColourCodec(_MultiClassCodec):
@@ -156,13 +163,13 @@ class ColourCodec(_MultiClassCodec):
         index = mask.round().long()[:, 0]  # (B, H, W)
         return self.colours.to(mask.device)[index].permute(0, 3, 1, 2).contiguous()
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         colours = self.colours.to(x.device, torch.float32)
         d2 = ((x.float()[:, None] - colours[None, :, :, None, None]) ** 2).sum(dim=2)  # (B, C, H, W)
-        return torch.softmax(-d2 / self.temperature, dim=1)
+        return -d2 / self.temperature
 
 
-def make_codec(classes: str = "binary", encoding: str = "colour") -> BinaryCodec:
+def make_codec(classes: str = "binary", encoding: str = "onehot") -> BinaryCodec:
     """The codec of ``--classes`` (``binary``: the paper's; otherwise ``--mask_encoding`` onehot | colour)."""
     class_set = get_class_set(classes)
     if class_set.binary:

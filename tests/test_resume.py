@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from scripts.bundle_config import parse_configs
 from scripts.handlers import AtomicCheckpointSaver
 from scripts.io_utils import atomic_path
+from scripts.weights.kl import load_autoencoder
 
 TRAIN = ["train.yaml", "tiny.yaml"]
 
@@ -332,3 +333,18 @@ def test_sampler_draws_as_random_sampler_and_resumes_part_way():
     seed = sampler.seed
     sampler.resume(seed, 4)
     assert list(sampler) == reference[1][4:] and sampler.seed == seed
+
+
+def test_autoencoder_with_or_without_nonlocal_attention_names_the_switch(tmp_path, one_thread):
+    """A multi-class model.pt / autoencoder.pt trained before 0.7.0 has the autoencoder's non-local attention blocks,
+    which multi-class --classes now leaves out: loading it says which switch to set, not a list of missing keys."""
+    model = tmp_path / "model.pt"
+    torch.save(build_tiny_sdseg(classes="all13", autoencoder_nonlocal_attn=True).state_dict(), model)
+    parser = parse_configs(["inference.yaml", "tiny.yaml"], ckpt_dir=str(tmp_path), device="cpu", classes="all13")
+    message = _load_error(parser.get_parsed_content("handlers")[0])
+    assert message.startswith(f"{model}: the weights do not fit") and len(message.splitlines()) <= 3, message
+    assert "set autoencoder_nonlocal_attn: True" in message
+    ae_file = tmp_path / "autoencoder.pt"
+    torch.save(tiny_parser(classes="all13").get_parsed_content("autoencoder_def").state_dict(), ae_file)
+    with pytest.raises(ValueError, match="set autoencoder_nonlocal_attn: False"):
+        load_autoencoder(tiny_parser().get_parsed_content("autoencoder_def"), ae_file)  # binary: attention

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from monai.networks.nets import AutoencoderKL
 
-from scripts.autoencoder import is_ldm_layout
+from scripts.autoencoder import is_ldm_layout, nonlocal_attn_hint
 from scripts.weights.reading import (
     check_fit,
     check_groups,
@@ -194,7 +194,8 @@ def check_kl_fit(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Te
 
     def hints() -> list[str]:
         arch = describe_autoencoder(sd)
-        return [f"  the file holds: {config_hint(arch)}"] if arch else []
+        attn = nonlocal_attn_hint(model_sd, sd)
+        return ([f"  the file holds: {config_hint(arch)}"] if arch else []) + ([f"  {attn}"] if attn else [])
 
     check_fit(model_sd, sd, where, hints=hints)
 
