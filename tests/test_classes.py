@@ -3,6 +3,7 @@ metrics, and a short multi-class run of the bundle on the demo volumes (train bo
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -349,3 +350,33 @@ def test_paper_preset_builds_the_colour_path_for_multiclass():
     parser = parse_configs(["train.yaml", "paper.yaml"], classes="all13")
     codec = parser.get_parsed_content("mask_codec")
     assert isinstance(codec, ColourCodec) and parser.get_parsed_content("autoencoder_def#in_channels") == 3
+
+
+def _autoencoder_stage_best_dice(demo_volumes, root, *extra: str) -> float:
+    proc = run_bundle(
+        "training",
+        AE,
+        root,
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(demo_volumes / "btcv"),
+        "--classes",
+        "all13",
+        "--image_size",
+        "32",
+        "--autoencoder_max_iterations",
+        "400",
+        "--autoencoder_val_interval",
+        "400",
+        *extra,
+    )
+    return float(re.search(r"val_mean_dice best value: ([0-9.]+)", proc.stdout + proc.stderr).group(1))
+
+
+def test_multiclass_autoencoder_recipe_reconstructs_most_organs(demo_volumes, tmp_path):
+    """The shipped multi-class mask-autoencoder stage (tiny, 32 px, 400 iterations, ~40 CPU-s) reconstructs the
+    validation volume at mean organ Dice above 0.3 (0.43-0.48 on the demo's volumes over two seeds). The 0.6.0 recipe
+    (soft Dice without the cross-entropy, non-local attention) reaches 0.20 on these volumes (0.07-0.14 on the demo's),
+    organs all or nothing: a recipe that stops learning fails."""
+    assert _autoencoder_stage_best_dice(demo_volumes, tmp_path) > 0.3
