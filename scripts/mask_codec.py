@@ -3,9 +3,9 @@ probabilities. The one place that knows; the networks, the training steps, the i
 
 * :class:`BinaryCodec` (``--classes binary``, the paper): a 0/1 mask (B, 1, H, W) -> 3 equal channels in [-1, 1];
   decoded X -> score = channel mean of clamp((X + 1) / 2, 0, 1), (B, 1, H, W); mask = score > 0.5.
-* :class:`OneHotCodec` (``--mask_encoding onehot``, the default, chosen beside the colour codec, docs/README.md): class indices
-  (B, 1, H, W) -> C one-hot channels in [-1, 1] (background included; the bundle-trained autoencoder takes and
-  returns C channels); decoded X -> probabilities softmax(X / 0.25) over the C channels.
+* :class:`OneHotCodec` (``--mask_encoding onehot``, the default, chosen beside the colour codec, docs/README.md):
+  class indices (B, 1, H, W) -> C one-hot channels in [-1, 1] (background included; the bundle-trained autoencoder
+  takes and returns C channels); decoded X -> probabilities softmax(X / 0.25) over the C channels.
 * :class:`ColourCodec` (``--mask_encoding colour``; the "maskige" of GSS): each class a fixed RGB code in
   [-1, 1]^3 (:data:`scripts.classes.PALETTE`), so a 3-channel autoencoder (the paper preset's pretrained kl-f8)
   serves C classes; decoded X -> probabilities softmax(-|X - code_c|^2 / 0.1) over the C codes.

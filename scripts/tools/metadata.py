@@ -66,8 +66,8 @@ def multiclass_metadata(base: dict, classes: str) -> dict:
     )
     meta["description"] += (
         f" Multi-class (--classes {class_set.name}): masks reach the mask autoencoder as --mask_encoding says "
-        "(one-hot C channels by default, or colour-coded 3 channels) and its decoded output gives C class probabilities, one "
-        "pass per image; the prediction is their argmax, written as the class's label value."
+        "(one-hot C channels by default, or colour-coded 3 channels) and its decoded output gives C class "
+        "probabilities, one pass per image; the prediction is their argmax, written as the class's label value."
     )
     meta["label_classes"] = f"single channel label map, value = class: {values}{dropped}"
     meta["pred_classes"] = (
