@@ -46,6 +46,9 @@ PAPER_PARTS = {
     "autoencoder_layout": "ldm",
     "autoencoder_path": "$@ckpt_dir + '/kl-f8.ckpt'",
     "unet_path": "$@ckpt_dir + '/lsun_churches.ckpt'",
+    # what the pretrained kl-f8 is, whatever --classes: non-local attention, 3 channels (multi-class: the colour codes)
+    "autoencoder_nonlocal_attn": True,
+    "mask_encoding": "colour",
 }
 
 

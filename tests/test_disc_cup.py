@@ -180,7 +180,7 @@ def test_disc_cup_run_trains_evaluates_and_infers_label_maps(demo_root, tmp_path
     run_bundle("training", AE, root, *common, "--autoencoder_max_iterations", "2", "--autoencoder_val_interval", "2")
     run_bundle("training", TRAIN, root, *common, "--max_iterations", "2", "--val_interval", "2", "--batch_size", "4")
     ckpt = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert ckpt["_extra_state"]["mask_codec"] == "colour:disc_cup"
+    assert ckpt["_extra_state"]["mask_codec"] == "onehot:disc_cup"  # the default encoding
     proc = run_bundle("evaluate", EVAL, root, *common, "--save_score", "True")
     rows = (root / "eval" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
