@@ -95,21 +95,28 @@ class _FixedDecoderOutput(torch.nn.Module):
         return self.x, torch.zeros(n, 1, 2, 2), torch.ones(n, 1, 2, 2)
 
 
-def _autoencoder_step_grad(step: AutoencoderTrainStep, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    net = _FixedDecoderOutput(x)
+def _one_step(network, step, image, mask, seed: int = 0) -> tuple[dict, dict]:
+    """One ``iteration_update`` of ``network`` (SGD at lr 0: weights kept) on one batch; its outputs and the gradient
+    of each trained tensor, by name."""
+    params = {k: p for k, p in network.named_parameters() if p.requires_grad}
     engine = SimpleNamespace(
         prepare_batch=lambda batch, *args: (batch["image"], batch["label"]),
         state=SimpleNamespace(device=torch.device("cpu")),
         non_blocking=False,
-        network=net,
+        network=network,
         amp=False,
         amp_kwargs=None,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+        optimizer=torch.optim.SGD(params.values(), lr=0.0),
         scaler=None,
         fire_event=lambda event: None,
     )
-    step(engine, {"image": mask, "label": mask})
-    return net.x.grad
+    torch.manual_seed(seed)
+    out = step(engine, {"image": image, "label": mask})
+    return out, {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+
+
+def _autoencoder_step_grad(step: AutoencoderTrainStep, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _one_step(_FixedDecoderOutput(x), step, mask, mask)[1]["x"]
 
 
 @pytest.mark.parametrize("encoding", ["onehot", "colour"])
@@ -130,25 +137,6 @@ def test_autoencoder_loss_pulls_an_organ_the_decoder_has_not_drawn(encoding):
     assert l1_pull > 0 and pull > 10 * l1_pull
 
 
-def _sdseg_step_grads(model, step: SDSegTrainStep, image, mask, seed: int = 0) -> tuple[dict, dict]:
-    """One training step of ``model`` (lr 0: weights kept); its outputs and the gradient of each trained tensor."""
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    engine = SimpleNamespace(
-        prepare_batch=lambda batch, *args: (batch["image"], batch["label"]),
-        state=SimpleNamespace(device=torch.device("cpu")),
-        non_blocking=False,
-        network=model,
-        amp=False,
-        amp_kwargs=None,
-        optimizer=torch.optim.SGD(params.values(), lr=0.0),
-        scaler=None,
-        fire_event=lambda event: None,
-    )
-    torch.manual_seed(seed)
-    out = step(engine, {"image": image, "label": mask})
-    return out, {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
-
-
 def test_mask_space_loss_trains_the_single_step_through_the_frozen_decoder():
     """``mask_loss_weight``: the DiceCE of the decoded z~0 at t = T-1 reaches the U-Net and the vision encoder
     through the frozen decoder (the autoencoder gets no gradient), and is the loss named ``loss_mask``."""
@@ -156,10 +144,8 @@ def test_mask_space_loss_trains_the_single_step_through_the_frozen_decoder():
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
     mask = torch.randint(0, 14, (4, 1, 32, 32), generator=gen).float()
-    plain, g_plain = _sdseg_step_grads(model, SDSegTrainStep(final_step_share=0.5), image, mask)
-    with_mask, g_mask = _sdseg_step_grads(
-        model, SDSegTrainStep(final_step_share=0.5, mask_loss_weight=2.0), image, mask
-    )
+    plain, g_plain = _one_step(model, SDSegTrainStep(final_step_share=0.5), image, mask)
+    with_mask, g_mask = _one_step(model, SDSegTrainStep(final_step_share=0.5, mask_loss_weight=2.0), image, mask)
     assert "loss_mask" not in plain and float(with_mask["loss_mask"]) > 0
     assert torch.allclose(with_mask["loss"], plain["loss"] + 2.0 * with_mask["loss_mask"])  # same t and noise
     assert not any(k.startswith("autoencoder.") for k in g_mask)
@@ -167,10 +153,10 @@ def test_mask_space_loss_trains_the_single_step_through_the_frozen_decoder():
         keys = [k for k in g_mask if k.startswith(part)]
         assert keys and any(not torch.allclose(g_mask[k], g_plain[k]) for k in keys), part
     # the items at T-1 only: with none of them (share 0, no consistency pairs) there is no mask-space term
-    none, _ = _sdseg_step_grads(model, SDSegTrainStep(final_step_share=0.0, mask_loss_weight=2.0), image, mask)
+    none, _ = _one_step(model, SDSegTrainStep(final_step_share=0.0, mask_loss_weight=2.0), image, mask)
     assert "loss_mask" not in none
     binary = input_dependent_tiny_sdseg()
-    out, _ = _sdseg_step_grads(binary, SDSegTrainStep(final_step_share=0.5, mask_loss_weight=2.0), image, mask > 6)
+    out, _ = _one_step(binary, SDSegTrainStep(final_step_share=0.5, mask_loss_weight=2.0), image, mask > 6)
     assert "loss_mask" not in out  # binary: the paper's losses only
 
 
