@@ -186,11 +186,12 @@ def weights_mismatch(module: torch.nn.Module, state: dict, path: str | os.PathLi
         file_sizes["unet_inputs"] != net_sizes["unet_inputs"]
         and file_sizes["unet_channels"] == net_sizes["unet_channels"]
     ):
-        fusion = {8: "concat", 4: "crossattn"}
+        latent = getattr(getattr(_unwrap(module), "autoencoder", None), "latent_channels", 4)
+        inputs = file_sizes["unet_inputs"]
+        how = "fusion 'crossattn'" if inputs == latent else f"fusion 'concat', --condition_channels {inputs - latent}"
         return head + (
-            f"\nThe file's U-Net takes {file_sizes['unet_inputs']} input channels (fusion "
-            f"'{fusion.get(file_sizes['unet_inputs'], '?')}'), the network {net_sizes['unet_inputs']}: use the same "
-            "fusion (ablation overlay) as in training."
+            f"\nThe file's U-Net takes {inputs} input channels ({how}), the network {net_sizes['unet_inputs']}: use "
+            "the same fusion (ablation overlay) and condition_channels as in training."
         )
     file_names, net_names = _preset_names(file_sizes), _preset_names(net_sizes)
     lines = [head, f"The file looks like {_describe(file_names, file_sizes)};"]

@@ -31,19 +31,32 @@ class VisionEncoder(nn.Module):
     """tau_theta: a copy of the mask autoencoder's encoder followed by a new 1x1 conv (paper, Appendix C).
 
     An encoder whose first convolution takes other than ``image_channels`` inputs (the one-hot mask codec's C) gets a
-    first convolution for the image, its kernels the mean of E's over E's input channels (biases E's)."""
+    first convolution for the image, its kernels the mean of E's over E's input channels (biases E's).
 
-    def __init__(self, encoder: nn.Module, latent_channels: int, image_channels: int = 3):
+    ``out_channels`` is z_c's channels (the paper: the latent's 4). Where it is more than E's last convolution gives,
+    that convolution is widened to ``out_channels`` (E's kernels first, the new ones initialised as PyTorch does), so
+    the image reaches the U-Net through more channels than the mask latent has (``condition_channels``)."""
+
+    def __init__(self, encoder: nn.Module, out_channels: int, image_channels: int = 3):
         super().__init__()
-        first = getattr(getattr(encoder, "blocks", [None])[0], "conv", None)
+        blocks = getattr(encoder, "blocks", [None])
+        first = getattr(blocks[0], "conv", None)
         if isinstance(first, nn.Conv2d) and first.in_channels != image_channels:
             conv = nn.Conv2d(image_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
             with torch.no_grad():
                 conv.weight.copy_(first.weight.mean(dim=1, keepdim=True).expand_as(conv.weight))
                 conv.bias.copy_(first.bias)
             encoder.blocks[0].conv = conv
+        features = getattr(encoder, "out_channels", out_channels)
+        last = getattr(blocks[-1], "conv", None)
+        if isinstance(last, nn.Conv2d) and last.out_channels < out_channels:
+            conv = nn.Conv2d(last.in_channels, out_channels, last.kernel_size, last.stride, last.padding)
+            with torch.no_grad():
+                conv.weight[: last.out_channels].copy_(last.weight)
+                conv.bias[: last.out_channels].copy_(last.bias)
+            encoder.blocks[-1].conv, features = conv, out_channels
         self.encoder = encoder
-        self.out = nn.Conv2d(getattr(encoder, "out_channels", latent_channels), latent_channels, kernel_size=1)
+        self.out = nn.Conv2d(features, out_channels, kernel_size=1)
 
     gradient_checkpointing = False  # SDSeg(gradient_checkpointing=True) sets it: recompute each block in backward
 
@@ -124,11 +137,14 @@ class SDSeg(nn.Module):
             from scripts.weights.unet import load_unet_weights
 
             load_unet_weights(unet_path, unet)
+        condition_channels = latent_channels
         if fusion == "concat":
-            if unet.in_channels != 2 * latent_channels or unet.out_channels != latent_channels:
+            condition_channels = unet.in_channels - latent_channels
+            if condition_channels < latent_channels or unet.out_channels != latent_channels:
                 raise ValueError(
-                    f"the U-Net must take {2 * latent_channels} input channels (cat of z_t and z_c) and return "
-                    f"{latent_channels}; got {unet.in_channels} -> {unet.out_channels}"
+                    f"the U-Net must take at least {2 * latent_channels} input channels (cat of z_t and z_c: "
+                    f"{latent_channels} + condition_channels >= {latent_channels}) and return {latent_channels}; "
+                    f"got {unet.in_channels} -> {unet.out_channels}"
                 )
             with torch.no_grad():  # the z_c half of the first conv starts at zero (paper, Sec. 3.2)
                 unet.conv_in.conv.weight[:, latent_channels:] = 0
@@ -139,7 +155,7 @@ class SDSeg(nn.Module):
                 f"{unet.out_channels}, with_conditioning={unet.with_conditioning}"
             )
         self.unet = unet
-        self.vision_encoder = VisionEncoder(copy.deepcopy(autoencoder.encoder), latent_channels)
+        self.vision_encoder = VisionEncoder(copy.deepcopy(autoencoder.encoder), condition_channels)
         self.vision_encoder.requires_grad_(trainable_encoder)
         self.vision_encoder.gradient_checkpointing = self.gradient_checkpointing = bool(gradient_checkpointing)
         self.latent_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] | None = {} if latent_cache else None
@@ -306,8 +322,9 @@ class SDSeg(nn.Module):
         if t is not None:
             raise ValueError("t is for the training loss (with a mask); segmentation always starts at t = T - 1")
         z_c = self.encode_image(image)
+        shape = (image.shape[0], *self.latent_shape(image))  # z_c may have more channels (condition_channels)
         if noise is None:
-            noise = torch.randn_like(z_c)
-        z_t = noise.expand_as(z_c).to(z_c.dtype)
+            noise = torch.randn(shape, device=z_c.device, dtype=z_c.dtype)
+        z_t = noise.expand(shape).to(z_c.dtype)
         t = torch.full((image.shape[0],), self.num_train_timesteps - 1, device=image.device, dtype=torch.long)
         return self.decode_score(self.estimate_z0(z_t, t, self.model_output(z_t, t, z_c)))

@@ -150,7 +150,7 @@ class SDSegInferer(Inferer):
         b, k = x.shape[0], self.num_samples
         with torch.autocast(x.device.type, enabled=False):  # float32 up to z~0 (see the class notes)
             z_c = encode(x.float())  # once per image, reused across steps and samples
-            z = self.noise(tuple(z_c.shape[1:]), x.device).repeat(b, 1, 1, 1)  # (B*K, ...), sample index fastest
+            z = self.noise(network.latent_shape(x), x.device).repeat(b, 1, 1, 1)  # (B*K, ...), sample index fastest
             z_c = z_c.repeat_interleave(k, dim=0)
             if self.num_steps == 1:
                 t = torch.full((b * k,), network.num_train_timesteps - 1, device=x.device, dtype=torch.long)

@@ -13,6 +13,7 @@ CONFIGS = ROOT / "configs"
 NETWORK_KEYS = [
     "image_size",
     "latent_channels",
+    "condition_channels",
     "autoencoder_channels",
     "autoencoder_res_blocks",
     "autoencoder_norm_groups",
@@ -49,6 +50,7 @@ PAPER_PARTS = {
     # what the pretrained kl-f8 is, whatever --classes: non-local attention, 3 channels (multi-class: the colour codes)
     "autoencoder_nonlocal_attn": True,
     "mask_encoding": "colour",
+    "condition_channels": "@latent_channels",
 }
 
 

@@ -53,6 +53,43 @@ def test_vision_encoder_starts_from_autoencoder_encoder(model):
     assert model.vision_encoder.encoder is not model.autoencoder.encoder  # a copy: E stays frozen
 
 
+def test_condition_channels_widen_the_image_way_into_the_unet():
+    """condition_channels 16: z_c has 16 channels, E's last convolution is widened with E's 4 kernels first, the
+    U-Net takes 4 + 16 inputs (the z_c part zero at init), and every z_c channel reaches the output once trained."""
+    model = build_tiny_sdseg(condition_channels=16)
+    model.scale_factor.fill_(1.0)
+    ve, ae = model.vision_encoder.encoder, model.autoencoder.encoder
+    last, e_last = ve.blocks[-1].conv, ae.blocks[-1].conv
+    assert (last.out_channels, e_last.out_channels) == (16, 4)
+    assert torch.equal(last.weight[:4], e_last.weight) and torch.equal(last.bias[:4], e_last.bias)
+    assert torch.count_nonzero(last.weight[4:]) > 0  # the new kernels are not dead
+    conv = model.unet.conv_in.conv
+    assert conv.in_channels == 20 and torch.count_nonzero(conv.weight[:, 4:]) == 0
+    image, _ = batch()
+    z_c = model.encode_image(image)
+    assert z_c.shape == (2, 16, 16, 16)
+    with torch.no_grad():
+        conv.weight[:, 4:].normal_(0, 0.1)
+        model.unet.out[-1].conv.weight.normal_(0, 0.1)
+    z_t, t = torch.randn(2, 4, 16, 16), torch.tensor([999, 999])
+    for c in (5, 19):  # a change in any one z_c channel, the widened ones included, changes the output
+        shifted = z_c.clone()
+        shifted[:, c - 4] += 1
+        with torch.no_grad():
+            assert not torch.allclose(model.model_output(z_t, t, z_c), model.model_output(z_t, t, shifted))
+    from scripts.sampler import SDSegInferer
+
+    with torch.no_grad():  # the single step, the sampler (1 and 2 steps) and the training loss draw 4-channel z_t
+        assert model(image).shape == (2, 1, 64, 64)
+        assert model(image, mask=batch()[1])["z0_pred"].shape == (2, 4, 16, 16)
+    assert SDSegInferer(1, 1, seed=0)(image, model).shape == SDSegInferer(2, 1, seed=0)(image, model).shape
+    default = build_tiny_sdseg()
+    assert default.vision_encoder.encoder.blocks[-1].conv.out_channels == 4 and default.unet.in_channels == 8
+    with pytest.raises(RuntimeError) as err:  # MONAI's config parser wraps the network's ValueError
+        build_tiny_sdseg(condition_channels=2)
+    assert "condition_channels >= 4" in str(err.value.__cause__)
+
+
 def test_oracle_noise_recovers_z0_exactly(model):
     z0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     noise = torch.randn_like(z0)

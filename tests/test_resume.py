@@ -307,6 +307,14 @@ def test_model_of_another_preset_names_file_preset_and_fix(tmp_path, one_thread)
     assert "Fix: end --config_file with 'configs/tiny.yaml'" in message
 
 
+def test_model_with_other_condition_channels_names_the_switch(tmp_path, one_thread):
+    model = tmp_path / "model.pt"
+    torch.save(build_tiny_sdseg(condition_channels=16).state_dict(), model)
+    message = _load_error(_model_loader(tmp_path, "tiny"))
+    assert message.startswith(f"{model}: the weights do not fit the configured network")
+    assert "takes 20 input channels (fusion 'concat', --condition_channels 16), the network 8" in message
+
+
 def test_damaged_or_wrong_kind_of_model_file_is_named(tmp_path):
     model = tmp_path / "model.pt"
     torch.save(build_tiny_sdseg().state_dict(), model)

@@ -81,13 +81,14 @@ def run(
 
     with torch.inference_mode():
         z_c = model.encode_image(images)
+        z_t = torch.randn((batch, *model.latent_shape(images)), device=device, dtype=z_c.dtype)
         t = torch.full((batch,), model.num_train_timesteps - 1, device=device, dtype=torch.long)
         stage = {
             "encode": _timed(lambda: model.encode_image(images), device, repeats),
-            "unet": _timed(lambda: model.model_output(torch.randn_like(z_c), t, z_c), device, repeats),
+            "unet": _timed(lambda: model.model_output(z_t, t, z_c), device, repeats),
         }
         with autocast():
-            stage["decode"] = _timed(lambda: model.decode_score(z_c), device, repeats)
+            stage["decode"] = _timed(lambda: model.decode_score(z_t), device, repeats)
     res["stage_ms_per_slice"] = {k: 1000 * v / batch for k, v in stage.items()}
     e, u, d = (stage[k] / batch for k in ("encode", "unet", "decode"))
 
