@@ -324,7 +324,7 @@ class SDSeg(nn.Module):
         z_c = self.encode_image(image)
         shape = (image.shape[0], *self.latent_shape(image))  # z_c may have more channels (condition_channels)
         if noise is None:
-            noise = torch.randn(shape, device=z_c.device, dtype=z_c.dtype)
+            noise = torch.randn_like(z_c[:, : shape[1]])  # z_c's memory layout: the draws of a given seed as before
         z_t = noise.expand(shape).to(z_c.dtype)
         t = torch.full((image.shape[0],), self.num_train_timesteps - 1, device=image.device, dtype=torch.long)
         return self.decode_score(self.estimate_z0(z_t, t, self.model_output(z_t, t, z_c)))

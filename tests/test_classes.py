@@ -338,31 +338,55 @@ def test_paper_preset_builds_the_colour_path_for_multiclass():
     assert isinstance(codec, ColourCodec) and parser.get_parsed_content("autoencoder_def#in_channels") == 3
 
 
-def _autoencoder_stage_best_dice(demo_volumes, root, *extra: str) -> float:
+MULTICLASS_32PX = ["--classes", "all13", "--image_size", "32"]
+
+
+def _best_dice(proc) -> float:
+    return float(re.findall(r"val_mean_dice best value: ([0-9.]+)", proc.stdout + proc.stderr)[-1])
+
+
+@pytest.fixture(scope="module")
+def multiclass_autoencoder(demo_volumes, tmp_path_factory):
+    """The shipped multi-class mask-autoencoder stage, tiny, 32 px, 400 iterations (~70 CPU-s): its bundle root and
+    its best validation reconstruction (mean organ Dice)."""
+    root = tmp_path_factory.mktemp("multiclass_recipe")
+    data = ["--bundle_root", str(root), "--dataset_dir", str(demo_volumes / "btcv"), *MULTICLASS_32PX]
+    iterations = ["--autoencoder_max_iterations", "400", "--autoencoder_val_interval", "400"]
+    return root, _best_dice(run_bundle("training", AE, root, *data, *iterations))
+
+
+def test_multiclass_autoencoder_recipe_reconstructs_most_organs(multiclass_autoencoder):
+    """The shipped multi-class mask-autoencoder stage reconstructs the validation volume at mean organ Dice above 0.3
+    (0.42-0.48 on the demo's volumes over seeds). The 0.6.0 recipe (soft Dice without the cross-entropy, non-local
+    attention) reaches 0.20 on these volumes (0.07-0.14 on the demo's), organs all or nothing: a recipe that stops
+    learning fails."""
+    assert multiclass_autoencoder[1] > 0.3
+
+
+def test_multiclass_sdseg_recipe_learns_the_organs(multiclass_autoencoder, demo_volumes):
+    """The shipped multi-class SDSeg stage (tiny, 32 px, 600 iterations, ~140 CPU-s) on that autoencoder reaches a
+    validation mean organ Dice above 0.25 (0.37-0.38 over two seeds; 0.07 after 300 iterations): a stage that stops
+    learning or never sees the image fails. It does not rank recipes: on these easy volumes the 0.7.0 recipe reaches
+    0.36 and the shipped one without its mask-space loss 0.37 (real CT ranks them: docs/benchmarks.md)."""
+    root = multiclass_autoencoder[0]
     proc = run_bundle(
         "training",
-        AE,
+        TRAIN,
         root,
         "--bundle_root",
         str(root),
         "--dataset_dir",
         str(demo_volumes / "btcv"),
-        "--classes",
-        "all13",
-        "--image_size",
-        "32",
-        "--autoencoder_max_iterations",
-        "400",
-        "--autoencoder_val_interval",
-        "400",
-        *extra,
+        *MULTICLASS_32PX,
+        "--autoencoder_path",
+        str(root / "models" / "autoencoder.pt"),
+        "--ckpt_dir",
+        str(root / "sdseg"),
+        "--max_iterations",
+        "600",
+        "--val_interval",
+        "600",
+        "--latent_cache",
+        "True",
     )
-    return float(re.search(r"val_mean_dice best value: ([0-9.]+)", proc.stdout + proc.stderr).group(1))
-
-
-def test_multiclass_autoencoder_recipe_reconstructs_most_organs(demo_volumes, tmp_path):
-    """The shipped multi-class mask-autoencoder stage (tiny, 32 px, 400 iterations, ~40 CPU-s) reconstructs the
-    validation volume at mean organ Dice above 0.3 (0.43-0.48 on the demo's volumes over two seeds). The 0.6.0 recipe
-    (soft Dice without the cross-entropy, non-local attention) reaches 0.20 on these volumes (0.07-0.14 on the demo's),
-    organs all or nothing: a recipe that stops learning fails."""
-    assert _autoencoder_stage_best_dice(demo_volumes, tmp_path) > 0.3
+    assert _best_dice(proc) > 0.25
