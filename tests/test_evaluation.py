@@ -50,6 +50,9 @@ class StubSDSeg(nn.Module):
     def encode_image(self, image):
         return F.avg_pool2d(image, 8).mean(1, keepdim=True).expand(-1, 4, -1, -1) * 3
 
+    def latent_shape(self, image):
+        return (4, image.shape[-2] // 8, image.shape[-1] // 8)
+
     def model_output(self, z_t, t, z_c):
         return z_c + self.gain * z_t
 

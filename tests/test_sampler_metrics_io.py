@@ -101,6 +101,9 @@ class GaussianPriorOracle(torch.nn.Module):
     def encode_image(self, image):
         return torch.zeros(image.shape[0], *self.shape)
 
+    def latent_shape(self, image):
+        return self.shape
+
     def model_output(self, z_t, t, z_c):
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         z = z_t.double()
